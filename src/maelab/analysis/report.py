@@ -1,0 +1,153 @@
+"""Paper-style comparison of pre-training variants: one row per encoder (R-MAE Tab. 1 style).
+
+Columns: pre-training GMACs per image (``maelab.analysis.flops.count_gmacs``), linear-probe and
+fine-tune top-1, COCO box / mask AP, ADE20K-style mIoU; accuracies and APs in percent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+COLUMN_TITLES = {
+    "recipe": "pre-training",
+    "gmacs": "GMACs",
+    "linear_top1": "lin. top-1",
+    "finetune_top1": "ft. top-1",
+    "box_ap": "AP^box",
+    "mask_ap": "AP^mask",
+    "miou": "mIoU",
+}
+
+
+def pretrain_gmacs(name: str, encoder_ref: Any, params: dict[str, Any]) -> float | None:
+    """GMACs of one pre-training forward of recipe ``name``; 0 for a random init; None if not countable."""
+    if encoder_ref is None:
+        return 0.0
+    recipes = params.get("recipes") or {}
+    if name not in recipes:
+        return None
+    try:
+        from maelab.analysis.flops import count_gmacs
+        from maelab.config import resolve_recipe
+
+        return round(float(count_gmacs(resolve_recipe(params, name))), 4)
+    except Exception as err:  # a recipe the counter cannot build must not sink the report
+        log.warning("report: no GMACs for %s: %s", name, err)
+        return None
+
+
+def _metric(result: dict[str, Any], task: str, key: str) -> float | None:
+    value = (result.get("tasks", {}).get(task) or {}).get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 3)
+
+
+def build_rows(
+    results: dict[str, dict[str, Any]], metric_map: dict[str, list[str]], gmacs: dict[str, float | None]
+) -> list[dict[str, Any]]:
+    """``[{"recipe": name, "gmacs": ..., <column>: value or None, ...}]`` in the order of ``results``."""
+    rows = []
+    for name, result in results.items():
+        row: dict[str, Any] = {"recipe": name, "gmacs": gmacs.get(name)}
+        for column, (task, key) in metric_map.items():
+            row[column] = _metric(result, task, key)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A GitHub-Markdown table; missing values as an em dash, the best value per column in bold."""
+    if not rows:
+        return "_no results_\n"
+    columns = list(rows[0])
+    best = {}
+    for c in columns[2:]:
+        values = [r[c] for r in rows if r[c] is not None]
+        best[c] = max(values) if values else None
+
+    def cell(c: str, v: Any) -> str:
+        if v is None:
+            return "—"
+        if c == "recipe":
+            return str(v)
+        text = f"{v:.1f}" if c != "gmacs" else f"{v:.3g}"
+        return f"**{text}**" if c in best and v == best[c] and len(rows) > 1 else text
+
+    head = "| " + " | ".join(COLUMN_TITLES.get(c, c) for c in columns) + " |"
+    rule = "|" + "|".join(":---" if c == "recipe" else "---:" for c in columns) + "|"
+    body = ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def plot_vs_gmacs(rows: list[dict[str, Any]], columns: list[str]):
+    """One panel per metric: value against pre-training GMACs per image, each point labelled by recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in columns if any(r.get(c) is not None for r in rows)] or columns[:1]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.0), squeeze=False)
+    for ax, c in zip(axes[0], cols, strict=True):
+        for r in rows:
+            if r.get(c) is None:
+                continue
+            x = r["gmacs"] if r["gmacs"] is not None else 0.0
+            ax.scatter([x], [r[c]], s=30)
+            ax.annotate(r["recipe"], (x, r[c]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("pre-training GMACs / image")
+        ax.set_title(COLUMN_TITLES.get(c, c))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def log_to_mlflow(report: dict[str, Any], table_md: str, fig, results: dict[str, dict[str, Any]]) -> str | None:
+    """Log every number and the artifacts to one MLflow run (``report``); returns its run id."""
+    import mlflow
+
+    from maelab.registry import tracking_uri
+    from maelab.train.tracking import flatten
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        from maelab.config import load_config
+
+        experiment = load_config("mlflow").get("experiment", "maelab")
+    except Exception:
+        experiment = "maelab"
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="report") as run:
+        for row in report["rows"]:
+            mlflow.log_metrics({f"{row['recipe']}.{k}": float(v) for k, v in row.items() if k != "recipe" and v is not None})
+        mlflow.log_dict(report, "report/report.json")
+        mlflow.log_text(table_md, "report/report.md")
+        mlflow.log_figure(fig, "report/report_vs_gmacs.png")
+        for name, result in results.items():
+            mlflow.log_dict(result, f"report/transfer_{name}.json")
+            flat = {k: v for k, v in flatten(result.get("tasks", {})).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in flat.items() if math.isfinite(float(v))})
+        return run.info.run_id
+
+
+def make_report(
+    results: dict[str, dict[str, Any]], params: dict[str, Any]
+) -> tuple[dict[str, Any], str, pd.DataFrame, Any]:
+    """report.json, the Markdown table, the CSV table and the figure, from all encoders' transfer results."""
+    cfg = params.get("report") or {}
+    metric_map = {k: list(v) for k, v in (cfg.get("metrics") or {}).items()}
+    encoders = (params.get("transfer") or {}).get("encoders") or {}
+    gmacs = {name: pretrain_gmacs(name, encoders.get(name, name), params) for name in results}
+    rows = build_rows(results, metric_map, gmacs)
+    report = {"rows": rows}
+    table = markdown_table(rows)
+    fig = plot_vs_gmacs(rows, list(metric_map))
+    if cfg.get("mlflow", True):
+        report_run = log_to_mlflow(report, table, fig, results)
+        log.info("report logged to MLflow run %s", report_run)
+    return report, table, pd.DataFrame(rows), fig

@@ -1,0 +1,58 @@
+"""Pictures: the MAE-style reconstruction grid (He et al. 2022, Fig. 2): masked / reconstruction / original."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def denormalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+    """``[B, 3, H, W]`` normalised -> [0, 1]."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * s + m).clamp(0, 1)
+
+
+def pixel_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Patch mask ``[B, L]`` (True = masked) -> pixel mask ``[B, 1, H, W]`` for a square-ish grid."""
+    b, num = mask.shape
+    gh = int(round((num * size[0] / size[1]) ** 0.5))
+    gw = num // gh
+    grid = mask.float().view(b, 1, gh, gw)
+    return F.interpolate(grid, size=size, mode="nearest")
+
+
+def reconstruction_grid(
+    image: Tensor, recon: Tensor, mask: Tensor, max_images: int = 8, scale: int = 2, gray: float = 0.5
+) -> np.ndarray:
+    """An ``[rows*H, cols*W, 3]`` uint8 grid. Columns are samples; rows: the masked input (masked
+    patches gray), the reconstruction with the visible patches pasted back (as MAE shows it), the original.
+
+    image, recon: [B, 3, H, W] in the input normalisation; mask: [B, L] bool (True = masked).
+    """
+    n = min(max_images, image.shape[0])
+    img = denormalize(image[:n].detach().cpu())
+    rec = denormalize(recon[:n].detach().cpu())
+    m = pixel_mask(mask[:n].detach().cpu(), tuple(img.shape[-2:]))  # [n, 1, H, W]
+    masked = img * (1 - m) + gray * m
+    pasted = img * (1 - m) + rec * m
+    rows = [torch.cat(list(r), dim=-1) for r in (masked, pasted, img)]  # each [3, H, n*W]
+    grid = torch.cat(rows, dim=-2)  # [3, 3H, n*W]
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,112 @@
+"""One encoder, many objectives: a variant is a masker plus heads with loss weights (DESIGN.md).
+
+MAE is the recipe ``masker: random`` + ``heads: {pixel: pixel_decoder}``; nothing here knows about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from maelab.masking import Masker, build_masker
+from maelab.masking.plan import MaskPlan
+from maelab.models.heads import Head, PixelDecoderHead, build_head
+from maelab.models.vit import ViTEncoder, build_encoder
+
+
+@dataclass
+class PretrainOutput:
+    loss: Tensor  # [] fp32: sum_h weight_h * loss_h
+    losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted per-head losses
+    outputs: dict[str, Tensor] = field(default_factory=dict)  # e.g. "pixel": [B, L, p*p*3]
+    plan: MaskPlan | None = None  # the plan used (made in the step for in-step maskers)
+
+
+class Pretrainer(nn.Module):
+    """Encoder + named heads.
+
+    ``forward(batch)``: batch = dict(image=[B, C, H, W], plan=MaskPlan [B, L], ...extras).
+    """
+
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        heads: dict[str, Head],
+        weights: dict[str, float] | None = None,
+        masker: Masker | None = None,
+    ) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("Pretrainer: a recipe needs at least one head under 'heads'")
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in heads}
+        self.masker = masker
+        layers = sorted({encoder.block_indices([i])[0] for h in heads.values() for i in h.layers})
+        self.layers: list[int] = layers
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        for hname, head in self.heads.items():
+            names |= {f"heads.{hname}.{n}" for n in head.no_weight_decay()}
+        return names
+
+    def make_plan(self, batch: dict[str, Any]) -> MaskPlan:
+        plan = batch.get("plan")
+        if plan is not None:
+            return plan
+        if self.masker is not None and self.masker.in_step:
+            return self.masker.plan_batch(self, batch)
+        raise KeyError("batch has no 'plan' and the recipe's masker does not run in the step")
+
+    def forward(self, batch: dict[str, Any]) -> PretrainOutput:
+        image, plan = batch["image"], self.make_plan(batch)
+        if self.layers:
+            latent, feats = self.encoder.forward_intermediates(image, plan, self.layers)
+            intermediates = dict(zip(self.layers, feats, strict=True))
+        else:
+            latent, intermediates = self.encoder.forward_features(image, plan), {}
+        losses, outputs = {}, {}
+        for name, head in self.heads.items():
+            losses[name], outputs[name] = head(latent, plan, batch, intermediates)
+        total = sum(self.weights[n] * losses[n].float() for n in losses)
+        return PretrainOutput(total, losses, outputs, plan)
+
+    def pixel_head(self) -> tuple[str, PixelDecoderHead]:
+        for name, head in self.heads.items():
+            if isinstance(head, PixelDecoderHead):
+                return name, head
+        raise ValueError("this recipe has no pixel_decoder head to reconstruct images with")
+
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, Any], out: PretrainOutput) -> Tensor:
+        """[B, C, H, W] in the input normalisation: visible patches pasted, masked ones predicted."""
+        name, head = self.pixel_head()
+        plan = out.plan if out.plan is not None else batch["plan"]
+        return head.reconstruct(batch["image"], out.outputs[name], plan.mask)
+
+
+def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretrainer:
+    """A Pretrainer from a recipe dict (``encoder``, ``masker``, ``heads``; see parameters_pretrain.yml).
+
+    ``encoder_overrides`` (e.g. ``fused_attn=False``) go to every ViT built, encoder and heads.
+    """
+    name = recipe.get("name", "<recipe>")
+    if "encoder" not in recipe:
+        raise ValueError(f"recipe {name}: missing field 'encoder'")
+    encoder = build_encoder(recipe["encoder"], **encoder_overrides)
+    heads_cfg = recipe.get("heads") or {}
+    if not heads_cfg:
+        raise ValueError(f"recipe {name}: field 'heads' is empty; a variant needs at least one head")
+    heads, weights = {}, {}
+    for hname, cfg in heads_cfg.items():
+        cfg = dict(cfg)
+        if "fused_attn" in encoder_overrides and cfg.get("type") == "pixel_decoder":
+            cfg.setdefault("fused_attn", encoder_overrides["fused_attn"])
+        heads[hname] = build_head(hname, cfg, encoder.spec)
+        weights[hname] = float(cfg.get("weight", 1.0))
+    masker = build_masker(recipe["masker"], encoder.grid) if recipe.get("masker") else None
+    return Pretrainer(encoder, heads, weights, masker)

@@ -1,0 +1,5 @@
+"""``kedro run --pipeline=regions``: precompute region maps (FH / COCO panoptic / SAM) into the region store."""
+
+from maelab.pipelines.regions.pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

@@ -1,0 +1,60 @@
+"""Nodes of the ``regions`` pipeline (R-MAE §4.1: regions are precomputed once, before pre-training)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from maelab.regions.build import build_source
+from maelab.regions.sources import make_source
+from maelab.regions.store import RegionStore
+
+REQUIRED = ("image_id", "source", "split", "root", "path", "content_hash", "width", "height")
+
+
+def select_rows(manifest: pd.DataFrame, sources: list[str] | None, splits: list[str] | None) -> pd.DataFrame:
+    """Manifest rows of the given image sources and splits (None = all)."""
+    keep = pd.Series(True, index=manifest.index)
+    if sources is not None:
+        keep &= manifest["source"].isin(list(sources))
+    if splits is not None:
+        keep &= manifest["split"].isin(list(splits))
+    return manifest[keep.to_numpy(dtype=bool)]
+
+
+def check_manifest(manifest: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED if c not in manifest]
+    if missing:
+        raise ValueError(f"manifest (catalog entry 'manifest'): missing field(s) {missing}")
+    dup = manifest["image_id"][manifest["image_id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"manifest (catalog entry 'manifest'): field 'image_id' repeats, e.g. {dup.iloc[0]!r}")
+
+
+def compute_regions(manifest: pd.DataFrame, region_store: RegionStore, params: dict[str, Any]) -> dict[str, Any]:
+    """Bring every source in ``params["compute"]`` up to date for its selected images; return the run report.
+
+    Quarantined images are absent from the manifest, so they are never computed; with ``prune`` their stale
+    maps (and those of deleted images) leave the index.
+    """
+    check_manifest(manifest)
+    images = params.get("images") or {}
+    configured = params.get("sources") or {}
+    report: dict[str, Any] = {}
+    for name in params.get("compute") or []:
+        if name not in configured:
+            raise ValueError(f"regions.compute: {name!r} has no block under regions.sources ({sorted(configured)})")
+        cfg = configured[name] or {}
+        rows = select_rows(manifest, cfg.get("sources", images.get("sources")), cfg.get("splits", images.get("splits")))
+        report[name] = build_source(
+            region_store[name],
+            make_source(name, cfg),
+            rows,
+            workers=params.get("workers"),
+            shard_size=int(params.get("shard_size", 64)),
+            codec=region_store.codec,
+            keep_ids=manifest["image_id"].tolist() if params.get("prune", True) else None,
+            progress=bool(params.get("progress", True)),
+        )
+    return {"store": str(region_store.path), "sources": report}

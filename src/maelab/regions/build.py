@@ -1,0 +1,148 @@
+"""Fill a :class:`~maelab.regions.store.SourceStore` from manifest rows: parallel, incremental, safe to kill.
+
+- Incremental: a row is computed only when its ``image_id`` is missing from the index, or its ``content_hash``
+  or the source's parameter ``fingerprint`` changed.
+- Parallel: pending rows (sorted by image_id) are cut into shards of ``shard_size``; each shard is one task in a
+  process pool; the worker computes, compresses and writes its shard atomically and returns index rows.
+- Safe to kill: the parent adds a shard's rows to the index (atomic swap) only after the shard file is on disk.
+  Fixed-size chunks of the sorted pending list and content-named shards make a killed-then-resumed run end
+  with the same shard files and index as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from maelab.data.manifest import image_path
+from maelab.regions.sources import RegionSource, read_rgb
+from maelab.regions.store import encode, make_records, write_shard
+
+_WORKER_SOURCE: RegionSource | None = None  # set once per pool process (panoptic JSON etc. load once)
+
+
+def pending(rows: pd.DataFrame, index: pd.DataFrame, fingerprint: str) -> pd.DataFrame:
+    """Rows that are new, whose image changed, or that were computed with other source parameters."""
+    stored = index.set_index("image_id")
+    fp = rows["image_id"].map(stored["fingerprint"]).astype("string")
+    hash_stored = rows["image_id"].map(stored["content_hash"]).astype("string").fillna("")
+    stale = fp.isna() | (fp != fingerprint) | (hash_stored != rows["content_hash"].astype("string").fillna(""))
+    return rows[stale.fillna(True).to_numpy(dtype=bool)].sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+def compute_one(source: RegionSource, row: dict[str, Any]) -> Any:
+    """``[S, H, W]`` maps of one row; errors name the image file."""
+    path = image_path(row)
+    try:
+        image = read_rgb(path, row) if source.needs_image else None
+        return source.compute(image, row)
+    except (OSError, ValueError, KeyError) as e:
+        raise RuntimeError(f"regions.{source.name}: {path} (image_id {row['image_id']}): {e}") from e
+
+
+def compute_shard(
+    source: RegionSource, rows: list[dict[str, Any]], shard_dir: Any, codec: str
+) -> list[dict[str, Any]]:
+    """Compute, compress and atomically write one shard; return its index rows (not yet committed)."""
+    items = []
+    for row in rows:
+        maps = compute_one(source, row)
+        blob, dtype = encode(maps, codec)
+        items.append((row["image_id"], row.get("content_hash") or "", maps, blob, dtype))
+    shard, offsets = write_shard(shard_dir, [i[0] for i in items], [i[3] for i in items])
+    return make_records(shard, offsets, items, source.fingerprint, codec, source.layers)
+
+
+def _init_worker(source: RegionSource) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _run_shard(rows: list[dict[str, Any]], shard_dir: Any, codec: str) -> list[dict[str, Any]]:
+    assert _WORKER_SOURCE is not None
+    return compute_shard(_WORKER_SOURCE, rows, shard_dir, codec)
+
+
+def _records(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Plain dicts (picklable, ``None`` for nulls) for the workers."""
+    return [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in rows.to_dict("records")]
+
+
+def build_source(
+    store: Any,
+    source: RegionSource,
+    rows: pd.DataFrame,
+    *,
+    workers: int | None = None,
+    shard_size: int = 64,
+    codec: str = "lzma",
+    keep_ids: Iterable[str] | None = None,
+    progress: bool = True,
+    mp_context: str | None = None,
+) -> dict[str, Any]:
+    """Bring ``store`` (a SourceStore) up to date for ``rows`` (manifest rows). Returns a small report.
+
+    workers: processes (None = all cores, 0 = in this process); keep_ids: ids still in the manifest — index rows
+    of other ids (quarantined or deleted images) are dropped. Unreferenced shards are deleted at the end.
+    """
+    t0 = time.perf_counter()
+    if shard_size < 1:
+        raise ValueError(f"regions.shard_size must be >= 1, got {shard_size}")
+    with store.lock():
+        store.refresh()
+        store.write_meta(source)
+        dropped: list[str] = []
+        if keep_ids is not None:
+            keep = set(keep_ids)
+            dropped = [i for i in store.ids() if i not in keep]
+            if dropped:
+                store.commit(drop=dropped)
+        todo = pending(rows, store.index, source.fingerprint)
+        chunks = [_records(todo.iloc[i : i + shard_size]) for i in range(0, len(todo), shard_size)]
+        bar = tqdm(total=len(todo), desc=f"regions[{source.name}]", unit="img", disable=not progress or not len(todo))
+        try:
+            if workers == 0:
+                for chunk in chunks:
+                    store.commit(compute_shard(source, chunk, store.shard_dir, codec))
+                    bar.update(len(chunk))
+            elif chunks:
+                _run_pool(store, source, chunks, codec, workers, mp_context, bar)
+        finally:
+            bar.close()
+        removed = store.gc()
+    seconds = time.perf_counter() - t0
+    return {
+        "source": source.name, "fingerprint": source.fingerprint, "selected": int(len(rows)),
+        "computed": int(len(todo)), "up_to_date": int(len(rows) - len(todo)), "dropped": len(dropped),
+        "shards_written": len(chunks), "files_removed": removed, "stored": len(store),
+        "bytes": store.nbytes(), "seconds": round(seconds, 3),
+    }  # fmt: skip
+
+
+def _run_pool(
+    store: Any, source: RegionSource, chunks: list[list[dict[str, Any]]], codec: str, workers: int | None,
+    mp_context: str | None, bar: Any,
+) -> None:
+    n = min(workers or mp.cpu_count(), len(chunks))
+    ctx = mp.get_context(mp_context) if mp_context else None
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(source,))
+    try:
+        futures: dict[Future, int] = {pool.submit(_run_shard, c, store.shard_dir, codec): len(c) for c in chunks}
+        waiting = set(futures)
+        while waiting:
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            for fut in done:
+                store.commit(fut.result())  # raises the worker's error; shards already indexed stay
+                bar.update(futures[fut])
+    except BaseException:
+        # running shards still land atomically (unindexed; the next run rewrites or removes them)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+

@@ -1,0 +1,220 @@
+"""Pre-training data: manifest rows -> random views + mask plans, in a resumable order.
+
+Reproducibility: every random draw of a sample (crop, flip, mask, extras) comes from one
+``torch.Generator`` seeded from ``(seed, epoch, index)``, inside the worker. A run therefore
+sees the same samples whatever ``num_workers`` is, and resuming needs only the data position
+``(epoch, batch in epoch)``: the sampler re-creates the epoch's permutation and skips the
+consumed batches without decoding them.
+
+Sample extras (plug-ins): ``extra(sample, row, view, generator) -> None`` adds keys to the
+sample dict, after the image and plan are made. It must apply ``view`` to anything aligned
+with the image (``view.apply_labels`` for label maps) and read ``sample["plan"]`` when it
+depends on the mask (e.g. R-MAE region maps share the pixel branch's plan, §3.2). Extra
+tensors are stacked by :func:`collate`; an extra may also return plain python values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from maelab.data.manifest import image_path
+from maelab.data.view import View
+from maelab.masking.plan import MaskPlan
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SampleExtra = Callable[[dict[str, Any], pd.Series, View, torch.Generator], None]
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative ints (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & (2**63 - 1)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of every random draw for sample ``index`` in ``epoch``."""
+    return mix_seed(seed, epoch, index)
+
+
+def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "manifest") -> pd.DataFrame:
+    """Rows of the manifest whose ``source``/``split`` are in ``data.sources``/``data.splits``."""
+    for col in ("source", "split", "root", "path"):
+        if col not in manifest.columns:
+            raise ValueError(f"{where}: missing column {col!r} (see maelab.data.manifest)")
+    rows = manifest
+    if data_cfg.get("sources"):
+        rows = rows[rows["source"].isin(list(data_cfg["sources"]))]
+    if data_cfg.get("splits"):
+        rows = rows[rows["split"].isin(list(data_cfg["splits"]))]
+    if rows.empty:
+        have = sorted(set(zip(manifest["source"].astype(str), manifest["split"].astype(str), strict=True)))
+        raise ValueError(
+            f"{where}: no rows for data.sources={data_cfg.get('sources')} "
+            f"data.splits={data_cfg.get('splits')}; (source, split) present: {have}"
+        )
+    return rows.reset_index(drop=True)
+
+
+class PretrainDataset(Dataset):
+    """Map-style dataset indexed by ``(epoch, index)`` (what :class:`EpochBatchSampler` yields).
+
+    A sample: ``image [3, H, W]`` float (ImageNet-normalised), ``plan`` (``MaskPlan [L]``, absent
+    when the masker runs in the step), ``index``, ``image_id``, plus what the extras add.
+    """
+
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        recipe: dict[str, Any],
+        seed: int = 0,
+        masker: Any | None = None,
+        extras: Sequence[SampleExtra] = (),
+    ) -> None:
+        data_cfg = recipe.get("data", {})
+        enc = recipe["encoder"]
+        self.rows = select_rows(manifest, data_cfg)
+        size = enc["img_size"]
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.crop_scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
+        self.seed = int(seed)
+        self.masker = masker
+        self.extras = list(extras)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load_image(self, row: pd.Series) -> Tensor:
+        """RGB ``[3, H, W]`` float in [0, 1]."""
+        path = image_path(row)
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot decode image (manifest row {row['image_id']!r}): {exc}") from exc
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        row = self.rows.iloc[index]
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        img = self.load_image(row)  # [3, h, w]
+        # MAE §A.1: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip
+        view = View.random_resized_crop(tuple(img.shape[-2:]), self.size, self.crop_scale, generator=g)
+        img = view.apply(img, mode="bicubic").clamp_(0.0, 1.0)
+        sample: dict[str, Any] = {
+            "image": (img - self.mean) / self.std,
+            "index": index,
+            "image_id": str(row["image_id"]),
+        }
+        if self.masker is not None and not getattr(self.masker, "in_step", False):
+            sample["plan"] = self.masker(g)
+        for extra in self.extras:
+            extra(sample, row, view, g)
+        return sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, collate plans with ``MaskPlan.collate``, keep other values as lists."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], MaskPlan):
+            out[key] = MaskPlan.collate(values)
+        elif isinstance(values[0], Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], int | float) and not isinstance(values[0], bool):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless batches of ``(epoch, index)``: per epoch a permutation seeded by ``(seed, epoch)``,
+    sharded like ``DistributedSampler`` (pad by wrapping to a multiple of ``world``, take every
+    ``world``-th from ``rank``), cut into full batches (the tail is dropped).
+
+    ``start = (epoch, batch)`` resumes exactly after the consumed batches.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        start: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world
+        self.start = start
+        per_rank = -(-n // world)
+        self.batches_per_epoch = per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"data: {n} images over {world} process(es) give {per_rank} per process, "
+                f"fewer than train.batch_size={batch_size}"
+            )
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        # [seed, epoch] hashes apart from every sample seed [seed, epoch, index]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        total = -(-self.n // self.world) * self.world
+        perm = (perm * (total // self.n + 1))[:total]
+        return perm[self.rank : total : self.world]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip = self.start
+        while True:
+            idx = self.epoch_indices(epoch)
+            for b in range(skip, self.batches_per_epoch):
+                yield [(epoch, i) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
+            epoch, skip = epoch + 1, 0
+
+    def __len__(self) -> int:  # endless; DataLoader only needs this for len(loader)
+        return 2**62
+
+
+def build_loader(
+    dataset: PretrainDataset,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    start: tuple[int, int] = (0, 0),
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, EpochBatchSampler]:
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world, start)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    return loader, sampler
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found (run `kedro run --pipeline=ingest` first)")
+    return pd.read_parquet(path)

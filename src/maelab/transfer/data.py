@@ -1,0 +1,248 @@
+"""Transfer datasets read from the manifest: image labels, semantic masks, COCO-format instances.
+
+Images are normalised with the ImageNet mean/std the encoders were pre-trained with, except for
+detection, where torchvision's Mask R-CNN transform normalises inside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from maelab.data.decode import load_rgb
+from maelab.data.manifest import image_path, mask_file
+from maelab.data.view import View
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+
+def select(
+    manifest: pd.DataFrame, sources: list[str], split: str, need: str | None = None, limit: int | None = None
+) -> pd.DataFrame:
+    """Rows of ``sources`` in ``split``; ``need`` names a column that must be non-null (label, mask_path, ann_id);
+    ``limit`` keeps the first rows (a CPU budget; manifest order is deterministic)."""
+    rows = manifest[manifest["source"].isin(list(sources)) & (manifest["split"] == split)]
+    if need is not None:
+        rows = rows[rows[need].notna()]
+    if rows.empty:
+        have = sorted(set(zip(manifest["source"].astype(str), manifest["split"].astype(str), strict=True)))
+        what = f" with a {need}" if need else ""
+        raise ValueError(f"manifest: no rows{what} for sources={list(sources)} split={split!r}; present: {have}")
+    return (rows.iloc[: int(limit)] if limit else rows).reset_index(drop=True)
+
+
+def read_image(row: pd.Series) -> Tensor:
+    """[3, H, W] float in [0, 1]."""
+    img = np.asarray(load_rgb(image_path(row)), dtype=np.float32) / 255.0
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous()
+
+
+def normalize(img: Tensor) -> Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (img - mean) / std
+
+
+class ClassificationSet(Dataset):
+    """Image + label. Train: RandomResizedCrop(scale) + flip (MAE fine-tune); eval: resize + centre crop."""
+
+    def __init__(self, rows: pd.DataFrame, size: int, train: bool, scale: tuple[float, float] = (0.08, 1.0), seed: int = 0):
+        self.rows, self.size, self.train, self.scale, self.seed = rows, int(size), train, tuple(scale), seed
+        self.labels = torch.tensor(rows["label"].astype("int64").to_numpy())
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        img = read_image(self.rows.iloc[i])  # [3, H, W]
+        hw, size = tuple(img.shape[-2:]), (self.size, self.size)
+        if self.train:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+            view = View.random_resized_crop(hw, size, self.scale, generator=gen)
+        else:
+            view = View.center(hw, size)
+        return normalize(view.apply(img).clamp(0, 1)), self.labels[i]
+
+
+class SegmentationSet(Dataset):
+    """Image + semantic mask (``mask_path`` PNG). ``reduce_zero_label``: 0 -> ignore, c -> c-1 (ADE20K in mmseg).
+
+    Train: random resized crop (``scale``) + flip, nearest on the mask. Eval: the image resized to
+    ``size`` x ``size`` and the mask at its original resolution (logits are resized back, as mmseg's
+    whole-image inference does).
+    """
+
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        size: int,
+        train: bool,
+        scale: tuple[float, float] = (0.5, 1.0),
+        reduce_zero_label: bool = False,
+        seed: int = 0,
+    ):
+        self.rows, self.size, self.train, self.scale = rows, int(size), train, tuple(scale)
+        self.reduce_zero_label, self.seed, self.epoch = reduce_zero_label, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read_mask(self, row: pd.Series) -> Tensor:
+        path = mask_file(row)
+        if path is None:
+            raise ValueError(f"manifest: image_id {row['image_id']}: field mask_path is null")
+        m = torch.from_numpy(np.asarray(Image.open(path), dtype=np.int64).copy())
+        if m.dim() != 2:
+            raise ValueError(f"{path}: expected a single-channel label PNG, got shape {tuple(m.shape)}")
+        if self.reduce_zero_label:
+            m = torch.where(m == 0, IGNORE_INDEX, m - 1)
+            m[m == IGNORE_INDEX - 1] = IGNORE_INDEX
+        return m
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        row = self.rows.iloc[i]
+        img, mask = read_image(row), self.read_mask(row)  # [3, H, W], [H, W]
+        hw, size = tuple(img.shape[-2:]), (self.size, self.size)
+        if self.train:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+            view = View.random_resized_crop(hw, size, self.scale, generator=gen)
+            return normalize(view.apply(img).clamp(0, 1)), view.apply_labels(mask)
+        img = F.interpolate(img[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+        return normalize(img.clamp(0, 1)), mask
+
+
+def collate_eval(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:
+    """Stack images; keep targets of different sizes as a list."""
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+# ------------------------------------------------------------------------------------ detection
+def coco_json_path(source: str, split: str, root: str | Path = "data/03_primary") -> Path:
+    return Path(root) / f"instances_{source}_{split}.json"
+
+
+def category_maps(coco: dict) -> tuple[dict[int, int], dict[int, int]]:
+    """COCO category id -> contiguous label 1..K (0 = background for torchvision) and back."""
+    ids = sorted(int(c["id"]) for c in coco["categories"])
+    to_label = {cid: i + 1 for i, cid in enumerate(ids)}
+    return to_label, {v: k for k, v in to_label.items()}
+
+
+class DetectionSet(Dataset):
+    """Image [3, H, W] in [0, 1] + Mask R-CNN target (boxes xyxy, labels 1..K, masks [N, H, W] uint8).
+
+    ``rows`` must carry ``ann_id`` (the image id in ``coco``). Train applies large-scale jitter
+    (ViTDet §4.1, Ghiasi et al. 2021): resize the long side to ``size * U(lsj)``, random crop to
+    ``size`` x ``size``, horizontal flip; the backbone pads to ``size`` x ``size``. Eval returns the
+    original image (the model's transform resizes it and maps predictions back).
+    """
+
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        coco: dict,
+        size: int,
+        train: bool,
+        lsj: tuple[float, float] = (0.1, 2.0),
+        seed: int = 0,
+        source_name: str = "instances",
+    ):
+        from pycocotools import mask as mask_utils
+
+        self.mask_utils = mask_utils
+        self.rows, self.size, self.train, self.lsj, self.seed, self.epoch = rows, int(size), train, tuple(lsj), seed, 0
+        self.to_label, _ = category_maps(coco)
+        self.images = {int(im["id"]): im for im in coco["images"]}
+        self.anns: dict[int, list[dict]] = {}
+        for ann in coco["annotations"]:
+            self.anns.setdefault(int(ann["image_id"]), []).append(ann)
+        missing = [int(a) for a in rows["ann_id"] if int(a) not in self.images]
+        if missing:
+            raise ValueError(f"{source_name}: manifest ann_id {missing[:5]} not among the JSON's images[].id")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def ann_mask(self, ann: dict, h: int, w: int) -> np.ndarray:
+        seg = ann.get("segmentation")
+        if not seg:  # box-only annotation: the box as its mask
+            x, y, bw, bh = ann["bbox"]
+            m = np.zeros((h, w), np.uint8)
+            m[int(y) : int(math.ceil(y + bh)), int(x) : int(math.ceil(x + bw))] = 1
+            return m
+        if isinstance(seg, list):
+            rle = self.mask_utils.merge(self.mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg.get("counts"), list):
+            rle = self.mask_utils.frPyObjects(seg, h, w)
+        else:
+            rle = seg
+        return self.mask_utils.decode(rle)
+
+    def target(self, image_id: int, h: int, w: int) -> dict[str, Tensor]:
+        anns = [a for a in self.anns.get(image_id, []) if not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([self.to_label[int(a["category_id"])] for a in anns], dtype=torch.int64)
+        masks = torch.from_numpy(np.stack([self.ann_mask(a, h, w) for a in anns])) if anns else torch.zeros(0, h, w, dtype=torch.uint8)
+        return {"boxes": boxes, "labels": labels, "masks": masks}
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        row = self.rows.iloc[i]
+        img = read_image(row)
+        h, w = img.shape[-2:]
+        image_id = int(row["ann_id"])
+        tgt = self.target(image_id, h, w)
+        tgt["image_id"] = torch.tensor(image_id)
+        if self.train:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+            img, tgt = large_scale_jitter(img, tgt, self.size, self.lsj, gen)
+        return img, tgt
+
+
+def large_scale_jitter(
+    img: Tensor, tgt: dict[str, Tensor], size: int, scale_range: tuple[float, float], gen: torch.Generator
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """LSJ: long side -> ``size * s``, s ~ U(range); random ``size`` crop when larger; random h-flip."""
+    h, w = img.shape[-2:]
+    s = scale_range[0] + (scale_range[1] - scale_range[0]) * torch.rand((), generator=gen).item()
+    r = size * s / max(h, w)
+    nh, nw = max(1, round(h * r)), max(1, round(w * r))
+    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+    masks = tgt["masks"]
+    if masks.shape[0]:
+        masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
+    else:
+        masks = torch.zeros(0, nh, nw, dtype=torch.uint8)
+    boxes = tgt["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+    top = int(torch.randint(0, nh - size + 1, (), generator=gen)) if nh > size else 0
+    left = int(torch.randint(0, nw - size + 1, (), generator=gen)) if nw > size else 0
+    ch, cw = min(nh, size), min(nw, size)
+    img, masks = img[:, top : top + ch, left : left + cw], masks[:, top : top + ch, left : left + cw]
+    boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, cw)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ch)
+    if torch.rand((), generator=gen).item() < 0.5:
+        img, masks = img.flip(-1), masks.flip(-1)
+        boxes = torch.stack([cw - boxes[:, 2], boxes[:, 1], cw - boxes[:, 0], boxes[:, 3]], dim=1)
+    # drop instances that the crop removed (degenerate box or empty mask)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 1) & ((boxes[:, 3] - boxes[:, 1]) > 1)
+    if masks.shape[0]:
+        keep &= masks.flatten(1).any(1)
+    out = {k: v for k, v in tgt.items() if k not in ("boxes", "labels", "masks")}
+    out.update(boxes=boxes[keep], labels=tgt["labels"][keep], masks=masks[keep])
+    return img, out
+
+
+def collate_detection(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    return [b[0] for b in batch], [b[1] for b in batch]
