@@ -31,6 +31,7 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                   "06_models", "07_model_output", "08_reporting"):
         (project / "data" / layer).mkdir(parents=True)
     (project / "mlruns").mkdir()
+    (project / "src").mkdir()
     monkeypatch.chdir(project)
     monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(project))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project}/mlruns/mlflow.db")
@@ -38,7 +39,7 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_kedro(project: Path, pipeline: str, params: dict | None = None, env: str | None = None) -> dict:
-    """``kedro run --pipeline=NAME --params ...`` in ``project``, in-process. Returns the run's free outputs."""
+    """``kedro run --pipeline=NAME --params ...`` in ``project``, in-process; returns the free outputs."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 

@@ -66,6 +66,7 @@ def artifacts() -> list[dict]:
 
 def main() -> None:
     mode, project = sys.argv[1], sys.argv[2]
+    flows.kedro_task = flows.kedro_task.with_options(retries=0)  # a test failure should fail fast
     if mode == "retrain":
         flows.run_kedro_pipeline = fake_kedro([0.30, 0.35, 0.32])
         results = [

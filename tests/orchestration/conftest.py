@@ -18,6 +18,7 @@ def mlflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "proj"
     (root / "mlruns").mkdir(parents=True)
     (root / "conf" / "base").mkdir(parents=True)
+    (root / "conf" / "local").mkdir()
     shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
     monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")

@@ -29,6 +29,7 @@ ingest:
 
 @pytest.mark.slow
 def test_ingest_pipeline_runs_and_reruns_without_decoding(kedro_project: Path, kedro_run) -> None:
+    (kedro_project / "src").mkdir(exist_ok=True)  # bootstrap_project wants source_dir; maelab is installed
     (kedro_project / "conf" / "local" / "parameters_ingest.yml").write_text(SMALL)
     kedro_run(kedro_project, "ingest")
 

@@ -30,25 +30,16 @@ def write_manifest(project, n=8):
 
 
 @pytest.mark.slow
-def test_pretrain_mae_kedro_run_writes_the_report(kedro_project, kedro_run):
+def test_pretrain_mae_kedro_run_writes_the_report(kedro_project, kedro_run, monkeypatch):
     from maelab.pipelines.pretrain.pipeline import pretrain_pipeline
 
+    (kedro_project / "src").mkdir(exist_ok=True)  # bootstrap_project wants source_dir; maelab is installed
     write_manifest(kedro_project)
-    # register pretrain_mae the way the lead's registry will
+    # register pretrain_mae the way the lead's registry will (find_pipelines only knows folders)
     import maelab.pipeline_registry as registry
 
-    original = registry.register_pipelines
-
-    def with_pretrain_mae():
-        pipes = original()
-        pipes.setdefault("pretrain_mae", pretrain_pipeline("mae"))
-        return pipes
-
-    registry.register_pipelines = with_pretrain_mae
-    try:
-        kedro_run(kedro_project, "pretrain_mae", {"recipe_defaults": MICRO})
-    finally:
-        registry.register_pipelines = original
+    monkeypatch.setattr(registry, "register_pipelines", lambda: {"pretrain_mae": pretrain_pipeline("mae")})
+    kedro_run(kedro_project, "pretrain_mae", {"recipe_defaults": MICRO})
     report = json.loads((kedro_project / "data" / "08_reporting" / "pretrain_mae.json").read_text())
     assert report["recipe"] == "mae" and report["steps"] == 4
     assert {"first_loss", "last_loss", "images_per_s", "wall_s", "heads", "mlflow_run_id", "encoder_path"} <= set(report)

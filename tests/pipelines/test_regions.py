@@ -16,7 +16,9 @@ from maelab.regions.store import SourceStore
 
 @pytest.mark.slow
 def test_regions_pipeline_end_to_end(kedro_project, kedro_run):
-    (kedro_project / "src").mkdir(exist_ok=True)  # bootstrap_project wants the source dir (maelab is installed)
+    (kedro_project / "src").mkdir(
+        exist_ok=True
+    )  # bootstrap_project wants the source dir (maelab is installed)
     images = kedro_project / "data" / "01_raw" / "toy"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -27,15 +29,26 @@ def test_regions_pipeline_end_to_end(kedro_project, kedro_run):
         img = np.clip(img + rng.integers(0, 10, img.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(images / f"{i}.png")
         split = "val" if i == 4 else "train"  # not selected
-        rows.append({"image_id": f"toy:{split}:{i}", "source": "toy", "split": split, "root": str(images),
-                     "path": f"{i}.png", "width": 40, "height": 32, "content_hash": f"h{i}"})  # fmt: skip
+        rows.append(
+            {
+                "image_id": f"toy:{split}:{i}",
+                "source": "toy",
+                "split": split,
+                "root": str(images),
+                "path": f"{i}.png",
+                "width": 40,
+                "height": 32,
+                "content_hash": f"h{i}",
+            }
+        )
     conform(pd.DataFrame(rows)).to_parquet(kedro_project / "data" / "02_intermediate" / "manifest.parquet")
     local = kedro_project / "conf" / "local"
     (local / "catalog_manifest.yml").write_text(
         "manifest:\n  type: pandas.ParquetDataset\n  filepath: data/02_intermediate/manifest.parquet\n"
     )
     (local / "parameters_regions.yml").write_text(
-        "regions:\n  images: {sources: [toy], splits: [train]}\n  workers: 2\n  shard_size: 2\n  progress: false\n"
+        "regions:\n  images: {sources: [toy], splits: [train]}\n  workers: 2\n  shard_size: 2\n"
+        "  progress: false\n"
         "  sources:\n    fh: {scales: [30, 90]}\n"
     )
 

@@ -12,7 +12,9 @@ from PIL import Image
 from maelab.data.manifest import conform
 
 
-def write_images(folder: Path, n: int, hw: tuple[int, int] = (40, 48), seed: int = 0, prefix: str = "") -> pd.DataFrame:
+def write_images(
+    folder: Path, n: int, hw: tuple[int, int] = (40, 48), seed: int = 0, prefix: str = ""
+) -> pd.DataFrame:
     """``n`` PNGs with a few flat blocks plus noise (FH finds several segments) and their manifest rows."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -25,8 +27,18 @@ def write_images(folder: Path, n: int, hw: tuple[int, int] = (40, 48), seed: int
         img = np.clip(img + rng.integers(0, 12, img.shape), 0, 255).astype(np.uint8)
         name = f"{prefix}{i:03d}.png"
         Image.fromarray(img).save(folder / name)
-        rows.append({"image_id": f"toy:train:{prefix}{i}", "source": "toy", "split": "train", "root": str(folder),
-                     "path": name, "width": hw[1], "height": hw[0], "content_hash": f"{prefix}{seed}-{i}"})  # fmt: skip
+        rows.append(
+            {
+                "image_id": f"toy:train:{prefix}{i}",
+                "source": "toy",
+                "split": "train",
+                "root": str(folder),
+                "path": name,
+                "width": hw[1],
+                "height": hw[0],
+                "content_hash": f"{prefix}{seed}-{i}",
+            }
+        )
     return conform(pd.DataFrame(rows))
 
 

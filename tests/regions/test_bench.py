@@ -7,8 +7,9 @@ from maelab.regions import bench
 
 
 def test_run_bench_measures_both_sides(tmp_path):
-    out = bench.run_bench(3, fh={"type": "fh", "scales": [50, 100]}, workers=2, repeats=1, size=(48, 64),
-                          workdir=tmp_path)  # fmt: skip
+    out = bench.run_bench(
+        3, fh={"type": "fh", "scales": [50, 100]}, workers=2, repeats=1, size=(48, 64), workdir=tmp_path
+    )
     assert out["images"] == 3 and out["workers"] == 2 and out["scales"] == ["50", "100"]
     assert out["images_per_s_per_core"] > 0 and out["bare_s"] > 0 and out["pipeline_s"] > 0
     assert 0 < out["bytes_per_image"] < 48 * 64 * 2 * 2  # compressed below raw uint16

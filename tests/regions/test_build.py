@@ -73,7 +73,9 @@ def test_incremental_new_changed_removed_and_param_change(tmp_path, toy_manifest
     changed.loc[2, "content_hash"] = "new"
     new = make_images(tmp_path / "more", 2, seed=5, prefix="n")
     manifest = pd.concat([changed.drop(index=4), new], ignore_index=True)
-    rep = build_source(store, src, manifest, workers=0, shard_size=3, keep_ids=manifest["image_id"], progress=False)
+    rep = build_source(
+        store, src, manifest, workers=0, shard_size=3, keep_ids=manifest["image_id"], progress=False
+    )
     assert sorted(src.seen) == sorted([row["image_id"], *new["image_id"]])
     assert rep["computed"] == 3 and rep["dropped"] == 1 and len(store) == 8
     assert toy_manifest.loc[4, "image_id"] not in store
@@ -91,8 +93,14 @@ def test_keyboard_interrupt_then_resume_equals_uninterrupted(tmp_path, toy_manif
     want = reference(tmp_path, toy_manifest, shard_size=2)
     store = SourceStore(tmp_path / "store" / "fh")
     with pytest.raises(KeyboardInterrupt):
-        build_source(store, Counting("fh", SCALES, interrupt_after=3), toy_manifest, workers=0, shard_size=2,
-                     progress=False)  # fmt: skip
+        build_source(
+            store,
+            Counting("fh", SCALES, interrupt_after=3),
+            toy_manifest,
+            workers=0,
+            shard_size=2,
+            progress=False,
+        )
     assert len(SourceStore(store.path)) == 2  # the first shard (2 images) landed, the second did not
     rep = build_source(store, FHSource("fh", SCALES), toy_manifest, workers=0, shard_size=2, progress=False)
     assert rep["computed"] == 5
@@ -104,8 +112,15 @@ def test_worker_error_names_the_file_and_keeps_finished_shards(tmp_path, toy_man
     store = SourceStore(tmp_path / "store" / "fh")
     bad = toy_manifest["image_id"].iloc[-1]
     with pytest.raises(RuntimeError, match=r"006\.png.*injected failure"):
-        build_source(store, Counting("fh", SCALES, fail_on=bad), toy_manifest, workers=2, shard_size=1,
-                     progress=False, mp_context="fork")  # fmt: skip
+        build_source(
+            store,
+            Counting("fh", SCALES, fail_on=bad),
+            toy_manifest,
+            workers=2,
+            shard_size=1,
+            progress=False,
+            mp_context="fork",
+        )
     assert 1 <= len(SourceStore(store.path)) <= 6 and bad not in SourceStore(store.path)
     build_source(store, FHSource("fh", SCALES), toy_manifest, workers=2, shard_size=1, progress=False)
     assert snapshot(store) == want
@@ -136,20 +151,25 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, toy_manifest
     store_dir = tmp_path / "store" / "fh"
     (tmp_path / "slow.py").write_text(SLOW_BUILD)
     toy_manifest.to_parquet(tmp_path / "manifest.parquet")
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), str(store_dir), str(tmp_path / "manifest.parquet")],
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "slow.py"), str(store_dir), str(tmp_path / "manifest.parquet")],
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while not (store_dir / "index.parquet").exists():  # first shard committed
-            assert proc.poll() is None and time.monotonic() < deadline, "build ended before it could be killed"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "build ended before it could be killed"
+            )
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the parent and its pool workers, mid-write or not
         proc.wait()
     done = len(SourceStore(store_dir))
     assert 1 <= done < len(toy_manifest)
-    rep = build_source(SourceStore(store_dir), FHSource("fh", SCALES), toy_manifest, workers=2, shard_size=1,
-                       progress=False)  # fmt: skip
+    rep = build_source(
+        SourceStore(store_dir), FHSource("fh", SCALES), toy_manifest, workers=2, shard_size=1, progress=False
+    )
     assert rep["computed"] == len(toy_manifest) - done
     assert snapshot(SourceStore(store_dir)) == want
     assert not [f for f in store_dir.rglob(".tmp-*")]

@@ -142,8 +142,12 @@ def test_errors_and_from_params(tmp_path):
     assert extra.k == 3 and extra.fallback == "empty" and extra.store.path == store.path
     view = View(0, 0, H, W, (32, 32), False)
     with pytest.raises(ValueError, match="height"):
-        extra({"plan": MaskPlan.from_noise(torch.rand(16), 0.75)}, {"image_id": "a", "height": 10, "width": W}, view,
-              torch.Generator())  # fmt: skip
+        extra(
+            {"plan": MaskPlan.from_noise(torch.rand(16), 0.75)},
+            {"image_id": "a", "height": 10, "width": W},
+            view,
+            torch.Generator(),
+        )
     with pytest.raises(ValueError, match="square patches"):
         extra({"plan": MaskPlan.from_noise(torch.rand(15), 0.75)}, _row("a"), view, torch.Generator())
     with pytest.raises(ValueError, match="fallback"):

@@ -60,11 +60,22 @@ def _panoptic(tmp_path: Path) -> dict:
     # rows 3.. of the right half stay 0 = void
     rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
     Image.fromarray(rgb).save(root / "annotations" / "panoptic_val2017" / "000000000042.png")
-    ann = {"annotations": [{"image_id": 42, "file_name": "000000000042.png",
-                            "segments_info": [{"id": 65541}, {"id": 812}]}]}  # fmt: skip
+    ann = {
+        "annotations": [
+            {"image_id": 42, "file_name": "000000000042.png", "segments_info": [{"id": 65541}, {"id": 812}]}
+        ]
+    }
     (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(ann))
-    return {"image_id": "coco:val:42", "source": "coco", "split": "val", "root": str(root),
-            "path": "val2017/000000000042.jpg", "ann_id": 42, "height": 6, "width": 8}  # fmt: skip
+    return {
+        "image_id": "coco:val:42",
+        "source": "coco",
+        "split": "val",
+        "root": str(root),
+        "path": "val2017/000000000042.jpg",
+        "ann_id": 42,
+        "height": 6,
+        "width": 8,
+    }
 
 
 def test_coco_panoptic_segments_to_labels(tmp_path):
@@ -95,12 +106,19 @@ def test_sam_masks_pack_without_losing_overlaps(tmp_path):
     folder = tmp_path / "sam" / "train"
     folder.mkdir(parents=True)
     np.savez_compressed(folder / "img7.npz", masks=masks)
-    row = {"image_id": "s:train:7", "source": "s", "split": "train", "root": "x", "path": "a/img7.jpg",
-           "height": 6, "width": 6}  # fmt: skip
+    row = {
+        "image_id": "s:train:7",
+        "source": "s",
+        "split": "train",
+        "root": "x",
+        "path": "a/img7.jpg",
+        "height": 6,
+        "width": 6,
+    }
     maps = SamSource("sam", folder=str(tmp_path / "sam" / "{split}")).compute(None, row)
     assert maps.shape == (2, 6, 6)  # the largest alone, then the two disjoint ones share a layer
     recovered = sorted(((m == v).sum(), (m == v).tobytes()) for m in maps for v in np.unique(m) if v)
-    assert sorted(((k.sum(), k.tobytes()) for k in masks)) == recovered
+    assert sorted((k.sum(), k.tobytes()) for k in masks) == recovered
     np.savez_compressed(folder / "img7.npz", labels=maps[1])
     np.testing.assert_array_equal(
         SamSource("sam", folder=str(tmp_path / "sam" / "{split}")).compute(None, row), maps[1:]

@@ -35,12 +35,11 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    """Compact JSON, written atomically."""
+    """Compact JSON, written atomically. ``json.dumps`` (C encoder), not ``json.dump`` (pure Python)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
+    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
     os.replace(tmp, path)
 
 

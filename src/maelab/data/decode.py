@@ -77,8 +77,8 @@ class Probe:
 
 def probe(path: str, mask_path: str | None = None, min_side: int = 16) -> Probe:
     """Decode ``path`` once; never raises. A mask (if any) must exist and match the upright image size."""
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files would pass")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # set globally by some other code: truncated files would pass
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; ingest needs it False")
 
     def bad(reason: str, w: int = 0, h: int = 0, digest: str = "") -> Probe:
         return Probe(w, h, digest, False, reason)
@@ -102,6 +102,8 @@ def probe(path: str, mask_path: str | None = None, min_side: int = 16) -> Probe:
         text = str(e).split("\n")[0]
         kind = "truncated" if "truncated" in text.lower() or isinstance(e, EOFError) else "corrupt"
         return bad(f"{kind}: {text}", digest=digest)
+    except Exception as e:  # e.g. struct.error from a broken EXIF block: still a bad file, never a crash
+        return bad(f"undecodable: {type(e).__name__}: {e}", digest=digest)
     w, h = rgb.size
     if mask_path is not None:
         try:
@@ -211,10 +213,10 @@ def decode_all(
     results: dict[int, Probe] = {i: cache.entries[k] for i, k in enumerate(keys) if k in cache.entries}
     todo = [i for i in range(len(jobs)) if i not in results]
     fresh = probe_many([jobs[i] for i in todo], min_side=0, workers=workers)
-    for i, p in zip(todo, fresh, strict=True):
-        results[i] = p
-        if "|missing" not in keys[i]:  # a missing file may appear later: never cache its absence
-            cache.entries[keys[i]] = p
+    for i, p in zip(
+        todo, fresh, strict=True
+    ):  # a file that appears later gets a new key: absence is cacheable
+        results[i] = cache.entries[keys[i]] = p
     cache.save(keys)
     probes = [with_min_side(results[i], min_side) for i in range(len(jobs))]
     return probes, {"decoded": len(todo), "cached": len(jobs) - len(todo)}

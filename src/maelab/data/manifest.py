@@ -6,7 +6,7 @@ Columns (all sources write all of them; missing values are null):
 column          dtype      meaning
 ==============  =========  =====================================================================
 image_id        string     unique across the manifest, ``"{source}:{split}:{native id}"``
-source          string     ``scenes`` | ``coco`` | ``lvis`` | ``imagefolder`` | ``ade20k`` | ``flowers102`` | ``photos``
+source          string     scenes, coco, lvis, imagefolder, ade20k, flowers102, photos
 split           string     ``train`` | ``val`` | ``test`` | ``unlabeled``
 root            string     the source's root folder as configured (absolute, or relative to the project)
 path            string     image file, relative to ``root``

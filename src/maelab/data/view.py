@@ -36,7 +36,7 @@ class View:
         flip_p: float = 0.5,
         generator: torch.Generator | None = None,
     ) -> View:
-        """torchvision's RandomResizedCrop sampling rule (10 tries, then a centre crop), drawn from ``generator``."""
+        """torchvision's RandomResizedCrop rule (10 tries, then a centre crop), drawn from ``generator``."""
         src_h, src_w = src_hw
         area = src_h * src_w
         log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -72,19 +72,14 @@ class View:
         h, w = round(size[0] / scale), round(size[1] / scale)
         return cls((src_h - h) // 2, (src_w - w) // 2, h, w, tuple(size), False)
 
-    def apply(self, x: Tensor, mode: str = "bicubic") -> Tensor:
-        """Apply to ``[C, H, W]`` (float for images; integer label maps must use ``mode="nearest"``)."""
-        crop = x[..., self.top : self.top + self.height, self.left : self.left + self.width]
-        is_int = not crop.is_floating_point()
-        out = crop.float() if is_int else crop
-        kwargs = {"align_corners": False, "antialias": True} if mode in ("bilinear", "bicubic") else {}
-        out = F.interpolate(out[None], size=self.size, mode=mode, **kwargs)[0]
-        if is_int:
-            out = out.round().to(x.dtype)
+    def apply(self, image: Tensor, mode: str = "bicubic") -> Tensor:
+        """Apply to a float image ``[C, H, W]`` (antialiased, as torchvision's RandomResizedCrop)."""
+        crop = image[..., self.top : self.top + self.height, self.left : self.left + self.width]
+        out = F.interpolate(crop[None], size=self.size, mode=mode, align_corners=False, antialias=True)[0]
         return out.flip(-1) if self.flip else out
 
     def apply_labels(self, labels: np.ndarray | Tensor) -> Tensor:
-        """Apply to an integer label map ``[H, W]`` or ``[S, H, W]`` with nearest resampling (labels never mix)."""
+        """Apply to an integer label map ``[H, W]`` or ``[S, H, W]``, nearest (labels never mix)."""
         t = torch.as_tensor(np.asarray(labels)) if not isinstance(labels, Tensor) else labels
         squeeze = t.dim() == 2
         t = t[None] if squeeze else t

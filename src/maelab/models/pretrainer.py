@@ -5,6 +5,7 @@ MAE is the recipe ``masker: random`` + ``heads: {pixel: pixel_decoder}``; nothin
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from maelab.masking import Masker, build_masker
 from maelab.masking.plan import MaskPlan
-from maelab.models.heads import Head, PixelDecoderHead, build_head
+from maelab.models.heads import HEADS, Head, PixelDecoderHead, build_head
 from maelab.models.vit import ViTEncoder, build_encoder
 
 
@@ -29,6 +30,10 @@ class Pretrainer(nn.Module):
     """Encoder + named heads.
 
     ``forward(batch)``: batch = dict(image=[B, C, H, W], plan=MaskPlan [B, L], ...extras).
+
+    Heads run in ascending ``priority`` (a head attribute, default 0; ties keep recipe order) and see a
+    fresh per-step dict ``batch["shared"]`` through which a head may hand tensors to the heads after it
+    (e.g. R-MAE's region-to-pixel feeding, ``priority = -1``).
     """
 
     def __init__(
@@ -70,8 +75,10 @@ class Pretrainer(nn.Module):
         else:
             latent, intermediates = self.encoder.forward_features(image, plan), {}
         losses, outputs = {}, {}
-        for name, head in self.heads.items():
+        batch = {**batch, "shared": {}}
+        for name, head in sorted(self.heads.items(), key=lambda kv: getattr(kv[1], "priority", 0)):
             losses[name], outputs[name] = head(latent, plan, batch, intermediates)
+        losses = {n: losses[n] for n in self.heads}  # recipe order
         total = sum(self.weights[n] * losses[n].float() for n in losses)
         return PretrainOutput(total, losses, outputs, plan)
 
@@ -104,7 +111,8 @@ def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretra
     heads, weights = {}, {}
     for hname, cfg in heads_cfg.items():
         cfg = dict(cfg)
-        if "fused_attn" in encoder_overrides and cfg.get("type") == "pixel_decoder":
+        head_cls = HEADS.get(cfg.get("type"))
+        if "fused_attn" in encoder_overrides and head_cls and "fused_attn" in inspect.signature(head_cls).parameters:
             cfg.setdefault("fused_attn", encoder_overrides["fused_attn"])
         heads[hname] = build_head(hname, cfg, encoder.spec)
         weights[hname] = float(cfg.get("weight", 1.0))

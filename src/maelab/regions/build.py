@@ -2,9 +2,9 @@
 
 - Incremental: a row is computed only when its ``image_id`` is missing from the index, or its ``content_hash``
   or the source's parameter ``fingerprint`` changed.
-- Parallel: pending rows (sorted by image_id) are cut into shards of ``shard_size``; each shard is one task in a
-  process pool; the worker computes, compresses and writes its shard atomically and returns index rows.
-- Safe to kill: the parent adds a shard's rows to the index (atomic swap) only after the shard file is on disk.
+- Parallel: pending rows (sorted by image_id) are cut into shards of ``shard_size``; each shard is one task
+  in a process pool; the worker computes, compresses and writes its shard atomically and returns index rows.
+- Safe to kill: the parent adds a shard's rows to the index (atomic swap) only after the shard is on disk.
   Fixed-size chunks of the sorted pending list and content-named shards make a killed-then-resumed run end
   with the same shard files and index as an uninterrupted one.
 """
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from maelab.data.manifest import image_path
 from maelab.regions.sources import RegionSource, read_rgb
-from maelab.regions.store import encode, make_records, write_shard
+from maelab.regions.store import SourceStore, encode, make_records, write_shard
 
 _WORKER_SOURCE: RegionSource | None = None  # set once per pool process (panoptic JSON etc. load once)
 
@@ -32,8 +32,14 @@ def pending(rows: pd.DataFrame, index: pd.DataFrame, fingerprint: str) -> pd.Dat
     stored = index.set_index("image_id")
     fp = rows["image_id"].map(stored["fingerprint"]).astype("string")
     hash_stored = rows["image_id"].map(stored["content_hash"]).astype("string").fillna("")
-    stale = fp.isna() | (fp != fingerprint) | (hash_stored != rows["content_hash"].astype("string").fillna(""))
-    return rows[stale.fillna(True).to_numpy(dtype=bool)].sort_values("image_id", kind="stable").reset_index(drop=True)
+    stale = (
+        fp.isna() | (fp != fingerprint) | (hash_stored != rows["content_hash"].astype("string").fillna(""))
+    )
+    return (
+        rows[stale.fillna(True).to_numpy(dtype=bool)]
+        .sort_values("image_id", kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def compute_one(source: RegionSource, row: dict[str, Any]) -> Any:
@@ -75,7 +81,7 @@ def _records(rows: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def build_source(
-    store: Any,
+    store: SourceStore,
     source: RegionSource,
     rows: pd.DataFrame,
     *,
@@ -86,10 +92,10 @@ def build_source(
     progress: bool = True,
     mp_context: str | None = None,
 ) -> dict[str, Any]:
-    """Bring ``store`` (a SourceStore) up to date for ``rows`` (manifest rows). Returns a small report.
+    """Bring ``store`` up to date for ``rows`` (manifest rows). Returns a small report.
 
-    workers: processes (None = all cores, 0 = in this process); keep_ids: ids still in the manifest — index rows
-    of other ids (quarantined or deleted images) are dropped. Unreferenced shards are deleted at the end.
+    workers: processes (None = all cores, 0 = in this process); keep_ids: ids still in the manifest —
+    index rows of other ids (quarantined or deleted images) are dropped. Unreferenced shards are removed.
     """
     t0 = time.perf_counter()
     if shard_size < 1:
@@ -105,7 +111,9 @@ def build_source(
                 store.commit(drop=dropped)
         todo = pending(rows, store.index, source.fingerprint)
         chunks = [_records(todo.iloc[i : i + shard_size]) for i in range(0, len(todo), shard_size)]
-        bar = tqdm(total=len(todo), desc=f"regions[{source.name}]", unit="img", disable=not progress or not len(todo))
+        bar = tqdm(
+            total=len(todo), desc=f"regions[{source.name}]", unit="img", disable=not progress or not len(todo)
+        )
         try:
             if workers == 0:
                 for chunk in chunks:
@@ -118,22 +126,36 @@ def build_source(
         removed = store.gc()
     seconds = time.perf_counter() - t0
     return {
-        "source": source.name, "fingerprint": source.fingerprint, "selected": int(len(rows)),
-        "computed": int(len(todo)), "up_to_date": int(len(rows) - len(todo)), "dropped": len(dropped),
-        "shards_written": len(chunks), "files_removed": removed, "stored": len(store),
-        "bytes": store.nbytes(), "seconds": round(seconds, 3),
-    }  # fmt: skip
+        "source": source.name,
+        "fingerprint": source.fingerprint,
+        "selected": int(len(rows)),
+        "computed": int(len(todo)),
+        "up_to_date": int(len(rows) - len(todo)),
+        "dropped": len(dropped),
+        "shards_written": len(chunks),
+        "files_removed": removed,
+        "stored": len(store),
+        "bytes": store.nbytes(),
+        "seconds": round(seconds, 3),
+    }
 
 
 def _run_pool(
-    store: Any, source: RegionSource, chunks: list[list[dict[str, Any]]], codec: str, workers: int | None,
-    mp_context: str | None, bar: Any,
+    store: SourceStore,
+    source: RegionSource,
+    chunks: list[list[dict[str, Any]]],
+    codec: str,
+    workers: int | None,
+    mp_context: str | None,
+    bar: Any,
 ) -> None:
     n = min(workers or mp.cpu_count(), len(chunks))
     ctx = mp.get_context(mp_context) if mp_context else None
     pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(source,))
     try:
-        futures: dict[Future, int] = {pool.submit(_run_shard, c, store.shard_dir, codec): len(c) for c in chunks}
+        futures: dict[Future, int] = {
+            pool.submit(_run_shard, c, store.shard_dir, codec): len(c) for c in chunks
+        }
         waiting = set(futures)
         while waiting:
             done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
@@ -145,4 +167,3 @@ def _run_pool(
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-

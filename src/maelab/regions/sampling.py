@@ -1,7 +1,8 @@
 """Feed regions to training: a DataLoader *sample extra* that adds ``sample["regions"]`` ``[k, H, W]``.
 
 R-MAE Appendix A: "we first sample the mask applied to the image, then sample from region maps that have
-*at least* one visible foreground patch", and §4.1: k = 8 regions per image, sampled randomly with replacement.
+*at least* one visible foreground patch", and §4.1: k = 8 regions per image, sampled randomly with
+replacement.
 So, for one sample:
 
 1. read the image's ``[S, H0, W0]`` maps from the store and apply the SAME :class:`~maelab.data.view.View`
@@ -27,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
 from maelab.data.view import View
+from maelab.regions.sources import manifest_hw
 from maelab.regions.store import SourceStore
 
 
@@ -106,8 +107,10 @@ class RegionExtra:
         self.fallback, self.key = fallback, key
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], root: str | Path = "data/04_feature/regions") -> RegionExtra:
-        """From a recipe block such as ``{source: fh, k: 8, min_patches: 1, replacement: true, fallback: full}``."""
+    def from_params(
+        cls, params: Mapping[str, Any], root: str | Path = "data/04_feature/regions"
+    ) -> RegionExtra:
+        """From a recipe block, e.g. ``{source: fh, k: 8, replacement: true, fallback: full}``."""
         p = dict(params)
         source = p.pop("source", "fh")
         store = p.pop("store", None) or Path(root) / source
@@ -117,15 +120,17 @@ class RegionExtra:
     def load(self, row: Mapping[str, Any], view: View) -> Tensor:
         """The row's maps after ``view``: ``[S, H, W]`` int32."""
         maps = self.store.get(str(row["image_id"]))
-        want = (row.get("height"), row.get("width"))
-        if all(v is not None and not pd.isna(v) for v in want) and tuple(maps.shape[1:]) != tuple(int(v) for v in want):
+        want = manifest_hw(row)
+        if want is not None and tuple(maps.shape[1:]) != want:
             raise ValueError(
                 f"{self.store.index_path}: regions of {row['image_id']!r} are {maps.shape[1:]} (fields "
-                f"'height'/'width') but the manifest image is {tuple(int(v) for v in want)}; re-run the regions pipeline"
+                f"'height'/'width') but the manifest image is {want}; re-run the regions pipeline"
             )
         return view.apply_labels(maps.astype(np.int32))
 
-    def __call__(self, sample: dict[str, Any], row: Mapping[str, Any], view: View, generator: torch.Generator) -> None:
+    def __call__(
+        self, sample: dict[str, Any], row: Mapping[str, Any], view: View, generator: torch.Generator
+    ) -> None:
         labels = self.load(row, view)  # [S, H, W]
         mask = sample["plan"].mask  # [L] True = masked
         if mask.dim() != 1:

@@ -35,14 +35,14 @@ def read_rgb(path: str | Path, row: Row | None = None) -> np.ndarray:
         image = np.array(ImageOps.exif_transpose(im).convert("RGB"))
     if row is not None:
         for field, got in (("height", image.shape[0]), ("width", image.shape[1])):
-            want = row.get(field) if isinstance(row, Mapping) else row[field]
+            want = row.get(field)
             if want is not None and not pd.isna(want) and int(want) != got:
                 raise ValueError(f"{path}: decoded {field}={got} but the manifest says {field}={int(want)}")
     return image
 
 
 def storage_dtype(maps: np.ndarray) -> np.dtype:
-    """uint16 when every label fits (< 65536), else int32 — never a dtype that wraps (the official uint8 does)."""
+    """uint16 when every label is < 65536, else int32 — never a dtype that wraps (the official uint8 does)."""
     if maps.size and int(maps.min()) < 0:
         raise ValueError(f"region labels must be >= 0, got min {int(maps.min())}")
     return np.dtype(np.uint16) if maps.size == 0 or int(maps.max()) < 2**16 else np.dtype(np.int32)
@@ -89,20 +89,26 @@ class FHSource(RegionSource):
 
     R-MAE §4.1 (after Hénaff et al. 2021): scales {500, 1000, 1500} on COCO and {1000} on ImageNet, each scale
     also being the minimum segment size. ``sigma`` defaults to 0.8: the official preprocessing
-    (``create_fh_mask_for_coco.py``) passes only scale and min_size, so skimage's default 0.8 applies, which is
-    also the value F&H use in their paper (§5).
+    (``create_fh_mask_for_coco.py``) passes only scale and min_size, so skimage's default 0.8 applies,
+    which is also the value F&H use in their paper (§5).
     """
 
     kind = "fh"
 
     def __init__(
-        self, name: str = "fh", scales: list[float] = (1000,), min_sizes: list[int] | None = None, sigma: float = 0.8
+        self,
+        name: str = "fh",
+        scales: list[float] = (1000,),
+        min_sizes: list[int] | None = None,
+        sigma: float = 0.8,
     ) -> None:
         super().__init__(name)
         self.scales = [float(s) for s in scales]
         self.min_sizes = [int(m) for m in (min_sizes if min_sizes is not None else self.scales)]
         if not self.scales or len(self.min_sizes) != len(self.scales):
-            raise ValueError(f"regions.sources.{name}: need one min_size per scale, got {scales} / {min_sizes}")
+            raise ValueError(
+                f"regions.sources.{name}: need one min_size per scale, got {scales} / {min_sizes}"
+            )
         self.sigma = float(sigma)
 
     @property
@@ -117,9 +123,12 @@ class FHSource(RegionSource):
         from skimage.segmentation import felzenszwalb
 
         if image is None or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"{row['image_id']}: FH needs an [H, W, 3] image, got {getattr(image, 'shape', None)}")
+            raise ValueError(
+                f"{row['image_id']}: FH needs an [H, W, 3] image, got {getattr(image, 'shape', None)}"
+            )
         maps = [
-            felzenszwalb(image, scale=s, sigma=self.sigma, min_size=m).astype(np.int32) + 1  # 0 stays "no region"
+            felzenszwalb(image, scale=s, sigma=self.sigma, min_size=m).astype(np.int32)
+            + 1  # 0 stays "no region"
             for s, m in zip(self.scales, self.min_sizes, strict=True)
         ]
         return np.stack(maps)  # [S, H, W]
@@ -128,8 +137,9 @@ class FHSource(RegionSource):
 class CocoPanopticSource(RegionSource):
     """COCO panoptic ground truth (R-MAE Table 1d): ``panoptic_{split}2017.json`` + its PNG folder.
 
-    PNG pixel -> segment id ``R + 256 G + 256² B``; segments are numbered ``1..n`` in ``segments_info`` order,
-    id 0 and unlisted ids (void) map to 0. Rows are matched by ``ann_id`` (native COCO image id), else by file stem.
+    PNG pixel -> segment id ``R + 256 G + 256² B``; segments are numbered ``1..n`` in ``segments_info``
+    order, id 0 and unlisted ids (void) map to 0. Rows are matched by ``ann_id`` (native COCO image id), else
+    by file stem.
     """
 
     kind = "coco_panoptic"
@@ -174,7 +184,9 @@ class CocoPanopticSource(RegionSource):
             ann = by_id.get(int(row["ann_id"]))
         ann = ann or by_stem.get(Path(str(row["path"])).stem)
         if ann is None:
-            raise KeyError(f"{json_path}: no panoptic annotation for {row['image_id']} (field 'image_id'/'file_name')")
+            raise KeyError(
+                f"{json_path}: no panoptic annotation for {row['image_id']} (field 'image_id'/'file_name')"
+            )
         png = _fill(self.png_dir, row) / ann["file_name"]
         with Image.open(png) as im:
             rgb = np.asarray(im.convert("RGB")).astype(np.int64)
@@ -190,13 +202,13 @@ class CocoPanopticSource(RegionSource):
 
 
 class SamSource(RegionSource):
-    """Precomputed SAM regions, one ``.npz`` per image: ``{folder}/{stem}.npz`` (``folder`` may use {root}/{split}).
+    """Precomputed SAM regions, one ``{folder}/{image file stem}.npz`` per image ({root}, {split} expand).
 
     The file holds either
-      ``masks``:  bool/uint8 ``[N, H, W]``, stacked binary masks (e.g. SAM's automatic mask generator output), or
+      ``masks``:  bool/uint8 ``[N, H, W]``, stacked binary masks (e.g. SAM's automatic mask generator), or
       ``labels``: integer ``[H, W]`` or ``[S, H, W]`` label maps, 0 = no region.
-    Overlapping masks are packed greedily, largest first, into as few non-overlapping layers as needed, so every
-    mask survives exactly; each layer is a label map ``1..n``.
+    Overlapping masks are packed greedily, largest first, into as few non-overlapping layers as needed, so
+    every mask survives exactly; each layer is a label map ``1..n``.
     """
 
     kind = "sam"
@@ -233,7 +245,7 @@ class SamSource(RegionSource):
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
-    """Binary masks ``[N, H, W]`` -> label layers ``[S, H, W]`` with no overlap inside a layer (greedy, largest first)."""
+    """Binary masks ``[N, H, W]`` -> label layers ``[S, H, W]``, disjoint per layer (greedy, big first)."""
     n, h, w = masks.shape
     layers: list[np.ndarray] = []
     counts: list[int] = []
@@ -252,10 +264,16 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
     return np.stack(layers) if layers else np.zeros((1, h, w), np.int32)
 
 
+def manifest_hw(row: Row) -> tuple[int, int] | None:
+    """The row's ``(height, width)``, or None when the manifest does not give both."""
+    hw = (row.get("height"), row.get("width"))
+    return None if any(v is None or pd.isna(v) for v in hw) else (int(hw[0]), int(hw[1]))
+
+
 def _check_hw(maps: np.ndarray, row: Row, path: Path, field: str) -> None:
-    want = (row.get("height"), row.get("width"))
-    if all(v is not None and not pd.isna(v) for v in want) and tuple(maps.shape[-2:]) != tuple(map(int, want)):
-        raise ValueError(f"{path}: {field} are {maps.shape[-2:]} but the manifest image is {tuple(map(int, want))}")
+    want = manifest_hw(row)
+    if want is not None and tuple(maps.shape[-2:]) != want:
+        raise ValueError(f"{path}: {field} are {maps.shape[-2:]} but the manifest image is {want}")
 
 
 SOURCE_KINDS: dict[str, type[RegionSource]] = {c.kind: c for c in (FHSource, CocoPanopticSource, SamSource)}
@@ -268,7 +286,9 @@ def make_source(name: str, cfg: Mapping[str, Any]) -> RegionSource:
     cfg.pop("splits", None)  # selection, not a source parameter
     cfg.pop("sources", None)
     if kind not in SOURCE_KINDS:
-        raise ValueError(f"regions.sources.{name}.type: unknown {kind!r}, expected one of {sorted(SOURCE_KINDS)}")
+        raise ValueError(
+            f"regions.sources.{name}.type: unknown {kind!r}, expected one of {sorted(SOURCE_KINDS)}"
+        )
     try:
         return SOURCE_KINDS[kind](name, **cfg)
     except TypeError as e:

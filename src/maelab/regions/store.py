@@ -92,20 +92,36 @@ def write_shard(shard_dir: Path, ids: list[str], blobs: list[bytes]) -> tuple[st
 
 
 def make_records(
-    shard: str, offsets: list[int], items: list[tuple[str, str, np.ndarray, bytes, np.dtype]], fingerprint: str,
-    codec: str, scales: list[str],
+    shard: str,
+    offsets: list[int],
+    items: list[tuple[str, str, np.ndarray, bytes, np.dtype]],
+    fingerprint: str,
+    codec: str,
+    scales: list[str],
 ) -> list[dict[str, Any]]:
     """Index rows for the records of one shard; ``items`` = (image_id, content_hash, maps, blob, dtype)."""
     records = []
     for offset, (image_id, content_hash, maps, blob, dtype) in zip(offsets, items, strict=True):
         s, h, w = maps.shape
         names = scales if len(scales) == s else [str(i) for i in range(s)]
-        records.append({
-            "image_id": image_id, "content_hash": content_hash or "", "fingerprint": fingerprint,
-            "shard": shard, "offset": offset, "length": len(blob), "crc32": zlib.crc32(blob), "codec": codec,
-            "dtype": dtype.name, "layers": s, "height": h, "width": w, "scales": ",".join(names),
-            "num_segments": ",".join(str(int(m.max())) if m.size else "0" for m in maps),
-        })  # fmt: skip
+        records.append(
+            {
+                "image_id": image_id,
+                "content_hash": content_hash or "",
+                "fingerprint": fingerprint,
+                "shard": shard,
+                "offset": offset,
+                "length": len(blob),
+                "crc32": zlib.crc32(blob),
+                "codec": codec,
+                "dtype": dtype.name,
+                "layers": s,
+                "height": h,
+                "width": w,
+                "scales": ",".join(names),
+                "num_segments": ",".join(str(int(m.max())) if m.size else "0" for m in maps),
+            }
+        )
     return records
 
 
@@ -166,12 +182,14 @@ class SourceStore:
         if self._rows is None:
             index = self.index
             self._rows = {k: i for i, k in enumerate(index["image_id"].tolist())}
-            self._cols = {c: index[c].to_numpy() for c in ("shard", "offset", "length", "crc32", "codec", "dtype",
-                                                            "layers", "height", "width")}  # fmt: skip
+            self._cols = {
+                c: index[c].to_numpy()
+                for c in ("shard", "offset", "length", "crc32", "codec", "dtype", "layers", "height", "width")
+            }
         return self._rows
 
     def commit(self, records: Iterable[Mapping[str, Any]] = (), drop: Iterable[str] = ()) -> None:
-        """Replace/add index rows for ``records`` and remove ``drop`` ids; the index file is swapped atomically."""
+        """Add/replace index rows for ``records``, remove ``drop`` ids; swap the index file atomically."""
         new = pd.DataFrame(list(records))
         gone = set(drop) | (set(new["image_id"]) if len(new) else set())
         old = self.index[~self.index["image_id"].isin(gone)]
@@ -186,16 +204,27 @@ class SourceStore:
         self._index, self._rows = index, None
 
     def write_meta(self, source: RegionSource) -> None:
-        meta = {"format": FORMAT_VERSION, "source": source.name, "kind": source.kind,
-                "params": source.params, "fingerprint": source.fingerprint, "layers": source.layers}  # fmt: skip
+        meta = {
+            "format": FORMAT_VERSION,
+            "source": source.name,
+            "kind": source.kind,
+            "params": source.params,
+            "fingerprint": source.fingerprint,
+            "layers": source.layers,
+        }
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.meta_path, (json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n").encode())
+        _write_atomic(
+            self.meta_path, (json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n").encode()
+        )
 
     def append(
-        self, items: Iterable[tuple[str, str, np.ndarray]], fingerprint: str = "", codec: str = "lzma",
+        self,
+        items: Iterable[tuple[str, str, np.ndarray]],
+        fingerprint: str = "",
+        codec: str = "lzma",
         scales: list[str] | None = None,
     ) -> int:
-        """Write ``(image_id, content_hash, maps [S, H, W])`` items as one shard and index them. Returns the count."""
+        """Write ``(image_id, hash, maps [S, H, W])`` items as one indexed shard; returns the count."""
         encoded = [(i, c, m, *encode(np.asarray(m), codec)) for i, c, m in items]
         if not encoded:
             return 0
@@ -205,7 +234,7 @@ class SourceStore:
 
     # -- maintenance -------------------------------------------------------------------------------------
     def gc(self) -> int:
-        """Delete shard files no index row references, and temp files left by killed runs. Returns the count."""
+        """Delete shards no index row references and temp files of killed runs; returns the count."""
         keep = set(self.index["shard"].tolist())
         removed = 0
         for d in (self.shard_dir, self.path):
@@ -244,7 +273,9 @@ class SourceStore:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: shard listed in {self.index_path} (field 'shard') is missing") from None
+                raise FileNotFoundError(
+                    f"{path}: shard listed in {self.index_path} (field 'shard') is missing"
+                ) from None
             self._fds[shard] = fd
         return fd
 
@@ -281,7 +312,7 @@ class SourceStore:
 
 
 class RegionStore:
-    """All region sources under one folder: ``store["fh"]`` -> :class:`SourceStore`; ``codec`` for new shards."""
+    """All region sources under one folder: ``store["fh"]`` -> :class:`SourceStore`; ``codec``: new shards."""
 
     def __init__(self, path: str | Path, codec: str = "lzma") -> None:
         if codec not in CODECS:

@@ -66,6 +66,18 @@ def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "
     return rows.reset_index(drop=True)
 
 
+def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
+    """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, ...}`` attaches R-MAE's
+    :class:`~maelab.regions.sampling.RegionExtra` (store ``data/04_feature/regions/<source>``, or ``store``)."""
+    out: list[SampleExtra] = []
+    if data_cfg.get("regions"):
+        from maelab.config import project_root
+        from maelab.regions.sampling import RegionExtra
+
+        out.append(RegionExtra.from_params(data_cfg["regions"], root=project_root() / "data/04_feature/regions"))
+    return out
+
+
 class PretrainDataset(Dataset):
     """Map-style dataset indexed by ``(epoch, index)`` (what :class:`EpochBatchSampler` yields).
 
@@ -89,7 +101,7 @@ class PretrainDataset(Dataset):
         self.crop_scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
         self.seed = int(seed)
         self.masker = masker
-        self.extras = list(extras)
+        self.extras = list(extras) + recipe_extras(data_cfg)
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 

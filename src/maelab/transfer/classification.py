@@ -115,10 +115,10 @@ def train_linear_probe(
     wd = float(cfg.get("weight_decay", 0.0))
     weights = [p for p in head.parameters() if p.ndim > 1]
     others = [p for p in head.parameters() if p.ndim <= 1]
-    if cfg.get("optimizer", "lars") == "lars":  # MAE Tab. 10; biases skip the trust ratio and decay (as MAE's LARS)
+    if cfg.get("optimizer", "lars") == "lars":  # MAE Tab. 10 and its LARS: trust ratio |w|/|g| (coeff 1), 1-D params exempt
         from timm.optim import Lars
 
-        opt = Lars([{"params": weights, "always_adapt": True}, {"params": others, "weight_decay": 0.0}], lr=lr, momentum=0.9, weight_decay=wd)
+        opt = Lars([{"params": weights, "always_adapt": True}, {"params": others, "weight_decay": 0.0}], lr=lr, momentum=0.9, weight_decay=wd, trust_coeff=1.0)
     else:
         opt = torch.optim.SGD([{"params": weights}, {"params": others, "weight_decay": 0.0}], lr=lr, momentum=0.9, weight_decay=wd)
     steps_per_epoch = max(1, len(train_x) // batch)

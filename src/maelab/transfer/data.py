@@ -238,7 +238,7 @@ def large_scale_jitter(
     # drop instances that the crop removed (degenerate box or empty mask)
     keep = ((boxes[:, 2] - boxes[:, 0]) > 1) & ((boxes[:, 3] - boxes[:, 1]) > 1)
     if masks.shape[0]:
-        keep &= masks.flatten(1).any(1)
+        keep &= masks.flatten(1).any(1).bool()
     out = {k: v for k, v in tgt.items() if k not in ("boxes", "labels", "masks")}
     out.update(boxes=boxes[keep], labels=tgt["labels"][keep], masks=masks[keep])
     return img, out

@@ -304,9 +304,21 @@ def coco_evaluate(gt: dict, results: list[dict], image_ids: list[int] | None = N
 
 def lvis_evaluate(gt: dict | str | Path, results: list[dict], iou_types=("bbox", "segm")) -> dict[str, float]:
     """LVIS AP, AP50, AP75 and AP-rare/common/frequent (percent) with the ``lvis`` API (Gupta et al. 2019)."""
+    names = {"bbox": "box", "segm": "mask"}
+    # lvis 0.5.3 still calls np.float (removed in NumPy 1.24): alias it for the duration of the call
+    shim = not hasattr(np, "float")
+    if shim:
+        np.float = float  # type: ignore[attr-defined]
+    try:
+        return _lvis_evaluate(gt, results, iou_types, names)
+    finally:
+        if shim:
+            del np.float
+
+
+def _lvis_evaluate(gt: dict | str | Path, results: list[dict], iou_types, names: dict[str, str]) -> dict[str, float]:
     from lvis import LVIS, LVISEval, LVISResults
 
-    names = {"bbox": "box", "segm": "mask"}
     with tempfile.TemporaryDirectory() as tmp:
         path = gt
         if isinstance(gt, dict):

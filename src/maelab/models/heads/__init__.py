@@ -6,9 +6,10 @@ from typing import Any
 
 from maelab.models.heads.base import Head
 from maelab.models.heads.pixel import PixelDecoderHead, masked_mse, normalize_patches, patchify, unpatchify
+from maelab.models.heads.region import RegionHead
 from maelab.models.vit import EncoderSpec
 
-HEADS: dict[str, type[Head]] = {"pixel_decoder": PixelDecoderHead}
+HEADS: dict[str, type[Head]] = {"pixel_decoder": PixelDecoderHead, "region": RegionHead}
 
 RESERVED_KEYS = ("type", "weight")
 
@@ -32,6 +33,7 @@ __all__ = [
     "EncoderSpec",
     "Head",
     "PixelDecoderHead",
+    "RegionHead",
     "build_head",
     "masked_mse",
     "normalize_patches",

@@ -20,6 +20,9 @@ from maelab.models.heads.base import Head
 from maelab.models.vit import EncoderSpec, init_linear_norm, sincos_2d
 
 NORM_PIX_EPS = 1e-6
+# ``batch["shared"][PIXEL_DECODER_INPUT]``: [B, L, D_dec] added to the decoder input after mask filling, e.g.
+# R-MAE's region-to-pixel feeding ``v'_penc + AvgPool(v'_renc)`` (R-MAE App. A, eq. 14)
+PIXEL_DECODER_INPUT = "pixel_decoder_input"
 
 
 def patchify(imgs: Tensor, p: int) -> Tensor:
@@ -88,14 +91,17 @@ class PixelDecoderHead(Head):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def decode(self, latent: Tensor, plan: MaskPlan) -> Tensor:
-        """[B, 1+L_keep, D_enc] -> [B, L, p*p*C] predictions for every patch (raster order)."""
+    def decode(self, latent: Tensor, plan: MaskPlan, extra: Tensor | None = None) -> Tensor:
+        """[B, 1+L_keep, D_enc] -> [B, L, p*p*C] predictions for every patch (raster order);
+        ``extra`` [B, L, Dd], if given, is added to the patch tokens after mask filling."""
         x = self.decoder_embed(latent)  # [B, 1+L_keep, Dd]
         b, n_keep = x.shape[0], x.shape[1] - 1
         n = plan.ids_restore.shape[-1]
         masked = self.mask_token.expand(b, n - n_keep, -1).to(x.dtype)  # [B, L-L_keep, Dd]
         x_ = torch.cat([x[:, 1:], masked], dim=1)  # [kept, mask tokens] in shuffle order
         x_ = torch.gather(x_, 1, plan.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # raster order
+        if extra is not None:
+            x_ = x_ + extra.to(x_.dtype)
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # [B, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -109,7 +115,7 @@ class PixelDecoderHead(Head):
     def forward(
         self, latent: Tensor, plan: MaskPlan, batch: dict[str, Any], intermediates: dict[int, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        pred = self.decode(latent, plan)
+        pred = self.decode(latent, plan, batch.get("shared", {}).get(PIXEL_DECODER_INPUT))
         with torch.autocast(pred.device.type, enabled=False):  # target and loss in fp32
             loss = masked_mse(pred, self.target(batch["image"]), plan.mask)
         return loss, pred

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from typing import Any
 
 import pandas as pd
@@ -60,8 +61,10 @@ def list_images(ingest: dict[str, Any], prepared: dict[str, Any]) -> tuple[pd.Da
         if clash:
             raise ValueError(f"ingest.sources: two sources write {sorted(clash)}; give one a distinct `name`")
         merged.annotations.update(listing.annotations)
+    if not merged.rows:
+        raise ValueError("ingest: the configured sources list no images (check ingest.sources roots)")
     candidates = pd.DataFrame(merged.rows)
-    dup = candidates["image_id"].duplicated(keep=False) if len(candidates) else pd.Series(dtype=bool)
+    dup = candidates["image_id"].duplicated(keep=False)
     if dup.any():
         raise ValueError(
             f"ingest: duplicate image_id {candidates.loc[dup, 'image_id'].iloc[0]!r}: "
@@ -85,7 +88,7 @@ def decode_images(candidates: pd.DataFrame, ingest: dict[str, Any]) -> tuple[pd.
     )
     seconds = time.perf_counter() - t0
     decoded = pd.DataFrame(
-        [p.__dict__ for p in probes], columns=["width", "height", "content_hash", "ok", "reason"]
+        [asdict(p) for p in probes], columns=["width", "height", "content_hash", "ok", "reason"]
     )
     stats = {
         **counts,

@@ -29,10 +29,14 @@ def check_manifest(manifest: pd.DataFrame) -> None:
         raise ValueError(f"manifest (catalog entry 'manifest'): missing field(s) {missing}")
     dup = manifest["image_id"][manifest["image_id"].duplicated()]
     if len(dup):
-        raise ValueError(f"manifest (catalog entry 'manifest'): field 'image_id' repeats, e.g. {dup.iloc[0]!r}")
+        raise ValueError(
+            f"manifest (catalog entry 'manifest'): field 'image_id' repeats, e.g. {dup.iloc[0]!r}"
+        )
 
 
-def compute_regions(manifest: pd.DataFrame, region_store: RegionStore, params: dict[str, Any]) -> dict[str, Any]:
+def compute_regions(
+    manifest: pd.DataFrame, region_store: RegionStore, params: dict[str, Any]
+) -> dict[str, Any]:
     """Bring every source in ``params["compute"]`` up to date for its selected images; return the run report.
 
     Quarantined images are absent from the manifest, so they are never computed; with ``prune`` their stale
@@ -44,9 +48,13 @@ def compute_regions(manifest: pd.DataFrame, region_store: RegionStore, params: d
     report: dict[str, Any] = {}
     for name in params.get("compute") or []:
         if name not in configured:
-            raise ValueError(f"regions.compute: {name!r} has no block under regions.sources ({sorted(configured)})")
+            raise ValueError(
+                f"regions.compute: {name!r} has no block under regions.sources ({sorted(configured)})"
+            )
         cfg = configured[name] or {}
-        rows = select_rows(manifest, cfg.get("sources", images.get("sources")), cfg.get("splits", images.get("splits")))
+        rows = select_rows(
+            manifest, cfg.get("sources", images.get("sources")), cfg.get("splits", images.get("splits"))
+        )
         report[name] = build_source(
             region_store[name],
             make_source(name, cfg),

@@ -1,0 +1,46 @@
+import torch
+
+from maelab.models.vit import build_encoder
+from maelab.transfer.classification import FineTuneClassifier, LinearProbe, topk_correct, train_linear_probe
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def toy_features(n, gen, dim=16, classes=4):
+    centers = torch.randn(classes, dim, generator=gen) * 3
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return centers[y] + torch.randn(n, dim, generator=gen) + 5.0, y  # offset: BN must whiten it away
+
+
+def test_linear_probe_separates_toy_clusters():
+    gen = torch.Generator().manual_seed(0)
+    x, y = toy_features(600, gen)
+    head = train_linear_probe(x[:400], y[:400], 4, {"blr": 0.1, "batch_size": 64, "epochs": 20, "warmup_epochs": 2})
+    acc = (head(x[400:]).argmax(1) == y[400:]).float().mean()
+    assert acc > 0.95
+    untrained = LinearProbe(16, 4).eval()
+    untrained.bn.running_mean.copy_(x.mean(0))
+    untrained.bn.running_var.copy_(x.var(0))
+    assert (untrained(x[400:]).argmax(1) == y[400:]).float().mean() < 0.7
+
+
+def test_linear_probe_bn_has_no_affine():
+    head = LinearProbe(8, 3)
+    assert head.bn.weight is None and head.bn.eps == 1e-6
+
+
+def test_topk_correct():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+    assert topk_correct(logits, torch.tensor([1, 2, 0]), ks=(1, 2, 5)) == [1, 2, 3]
+
+
+def test_finetune_classifier_pools_and_trains():
+    model = FineTuneClassifier(build_encoder(TINY), num_classes=5)
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (4, 5)
+    out.sum().backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
+    assert model.encoder.norm.weight.grad is None  # global pool: fc_norm replaces the encoder norm (MAE)
+    cls = FineTuneClassifier(build_encoder(TINY), num_classes=5, global_pool=False)
+    assert cls(x).shape == (4, 5)
