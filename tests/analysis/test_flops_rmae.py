@@ -24,8 +24,10 @@ def test_vit_b16_rmae_and_rae_match_the_paper(capsys):
 
 
 def tiny(variant: str, k: int) -> dict:
+    """The tiny RAE with the region branch scaled to the encoder as at ViT-B (768 : 128 = 192 : 32)."""
     recipe = load_recipe("rae")
     head = {**recipe["heads"]["region"], "variant": variant, "num_regions": k}
+    head.update(enc_dim=32, dim=32, num_heads=4, enc_heads=4)
     return {**recipe, "heads": {"region": head}}
 
 
@@ -34,7 +36,8 @@ def test_batch_variant_grows_linearly_in_k_and_length_variant_does_not():
     per_region = {v: (cost[v, 8] - cost[v, 2]) / 6 for v in ("length", "batch")}
     # batch: every region re-runs the decoder over N tokens, so cost = a + b k with a large b
     assert per_region["batch"] == pytest.approx((cost["batch", 4] - cost["batch", 2]) / 2, rel=0.02)
-    assert per_region["batch"] > 3 * per_region["length"]
-    assert cost["batch", 8] > 1.5 * cost["batch", 2]
-    # length: k queries share one decoder pass; going from 2 to 8 regions adds little on top of the encoder
-    assert cost["length", 8] < 1.3 * cost["length", 2]
+    assert per_region["batch"] > 2.5 * per_region["length"]
+    assert cost["batch", 8] > 1.15 * cost["batch", 2]
+    # length: the k queries share one decoder pass; what remains per region (its encoder pass over the
+    # visible patches, its expanded N x p_D map and predictor) adds little on top of the pixel encoder
+    assert cost["length", 8] < 1.1 * cost["length", 2]

@@ -16,7 +16,15 @@ K, B, L = 4, 2, 16
 
 
 def region_cfg(**kw):
-    return {"type": "region", "num_regions": K, "enc_dim": 32, "dim": 32, "num_heads": 4, "enc_heads": 4, **kw}
+    return {
+        "type": "region",
+        "num_regions": K,
+        "enc_dim": 32,
+        "dim": 32,
+        "num_heads": 4,
+        "enc_heads": 4,
+        **kw,
+    }
 
 
 def model(variant="length", pixel=True, **kw):
@@ -24,7 +32,9 @@ def model(variant="length", pixel=True, **kw):
     heads = {"region": region_cfg(variant=variant, **kw)}
     if pixel:
         heads = {"pixel": PIX, **heads}
-    return build_pretrainer({"encoder": ENC, "masker": {"type": "random", "ratio": 0.75}, "heads": heads}).eval()
+    return build_pretrainer(
+        {"encoder": ENC, "masker": {"type": "random", "ratio": 0.75}, "heads": heads}
+    ).eval()
 
 
 def batch(seed=0):
@@ -78,7 +88,9 @@ def test_regions_share_the_image_plan_and_only_visible_patches_are_read():
     head: RegionHead = m.heads["region"]
     assert region_plan(b["plan"], None) is b["plan"]  # beta_R = beta_I: the very same plan
     # changing the region maps inside masked patches changes nothing the model computes
-    masked_px = b["plan"].mask.view(B, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)  # [B, 1, H, W]
+    masked_px = (
+        b["plan"].mask.view(B, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    )  # [B, 1, H, W]
     scrambled = torch.where(masked_px, ~b["regions"], b["regions"])
     with torch.no_grad():
         lat = m.encoder(b["image"], b["plan"])
@@ -142,7 +154,12 @@ def boxes(seed=0):
     lo = torch.randint(0, 16, (B, K, 2), generator=g)
     hi = lo + torch.randint(8, 17, (B, K, 2), generator=g)
     ys, xs = torch.arange(32).view(1, 1, 32, 1), torch.arange(32).view(1, 1, 1, 32)
-    return (ys >= lo[..., :1, None]) & (ys < hi[..., :1, None]) & (xs >= lo[..., 1:, None]) & (xs < hi[..., 1:, None])
+    return (
+        (ys >= lo[..., :1, None])
+        & (ys < hi[..., :1, None])
+        & (xs >= lo[..., 1:, None])
+        & (xs < hi[..., 1:, None])
+    )
 
 
 def test_rae_alone_learns_a_fixed_batch():

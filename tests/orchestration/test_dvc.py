@@ -1,4 +1,4 @@
-"""DVC: a tiny project reproduces, a second repro does nothing, push/pull round-trips; the real dvc.yaml resolves."""
+"""DVC: a tiny project reproduces, a 2nd repro does nothing, push/pull round-trips; dvc.yaml resolves."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ vars:
   - params.yaml
 stages:
   make:
-    cmd: {py} -c "import yaml; n = yaml.safe_load(open('params.yaml'))['n']; open('data/a.txt', 'w').write(str(n))"
+    cmd: {py} -c "import yaml; open('data/a.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['n']))"
     deps:
       - src.txt
     params:
@@ -81,7 +81,7 @@ def test_dvc_repro_twice_then_push_pull(tmp_path: Path):
 
 
 def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
-    """The real dvc.yaml + params.yaml in a scratch repo with placeholder data: `dvc repro --dry` lists all."""
+    """The real dvc.yaml + params.yaml in a scratch repo, placeholder data: `dvc repro --dry` lists all."""
     root = tmp_path / "proj"
     _init(root)
     for name in ("dvc.yaml", "params.yaml"):

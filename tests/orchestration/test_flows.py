@@ -87,8 +87,14 @@ def test_kedro_flow_runs_ingest(kedro_project, prefect_env):
     """The real ingest pipeline as a Prefect task through KedroSession: its manifest is written."""
     if not (REPO / "src" / "maelab" / "pipelines" / "ingest" / "pipeline.py").is_file():
         pytest.skip("the ingest pipeline does not exist yet")
-    tiny = {"ingest": {"workers": 0, "sources": [{"type": "scenes", "root": "data/01_raw/scenes", "seed": 0,
-                                                  "size": 32, "splits": {"train": 6, "val": 2}}]}}  # fmt: skip
+    scenes = {
+        "type": "scenes",
+        "root": "data/01_raw/scenes",
+        "seed": 0,
+        "size": 32,
+        "splits": {"train": 6, "val": 2},
+    }
+    tiny = {"ingest": {"workers": 0, "sources": [scenes]}}
     (kedro_project / "conf" / "local" / "parameters_ingest.yml").write_text(json.dumps(tiny))
     out = _driver(prefect_env, kedro_project, "kedro", "ingest")
     assert "ingest" in out["results"][0]

@@ -19,13 +19,15 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_r
 MICRO = {
     "recipe_defaults": {"encoder": TINY},
     "transfer": {
+        "evaluate": ["tiny", "random_init"],
         "encoders": {"tiny": "data/06_models/pretrain/tiny/encoder.safetensors", "random_init": None},
-        "data": {"max_eval_images": 8},
+        "data": {"max_eval_images": 4},
         "tasks": {
             "linear_probe": {"img_size": 32, "epochs": 3, "warmup_epochs": 1, "batch_size": 8},
             "finetune": {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4},
-            "detection": {"img_size": 64, "steps": 2, "warmup_steps": 1, "batch_size": 2, "out_channels": 16,
-                          "head_channels": 16, "fc_dim": 32, "window_size": 4, "eval_batch_size": 4},
+            "detection": {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 2, "out_channels": 16,
+                          "head_channels": 16, "fc_dim": 32, "window_size": 2, "eval_batch_size": 4,
+                          "anchor_sizes": [8, 16, 32, 64, 128]},
             "segmentation": {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4, "decoder_channels": 16},
         },
     },
@@ -33,14 +35,25 @@ MICRO = {
 
 
 @pytest.mark.slow
-def test_transfer_and_report_end_to_end(kedro_project, kedro_run):
+def test_transfer_and_report_end_to_end(kedro_project, kedro_run, monkeypatch):
+    from maelab import pipeline_registry
+    from maelab.pipelines.report.pipeline import create_pipeline as report_pipeline
+    from maelab.pipelines.transfer.pipeline import create_pipeline as transfer_pipeline
+
+    # only this stage's pipelines: another stage's registry entry must not break this test
+    monkeypatch.setattr(
+        pipeline_registry, "register_pipelines", lambda: {"transfer": transfer_pipeline(), "report": report_pipeline()}
+    )
+
     project = kedro_project
-    scenes_fixture.make_scenes(project, n_train=8, n_val=8, size=64)
+    scenes_fixture.make_scenes(project, n_train=4, n_val=4, size=32)
     enc_path = project / "data/06_models/pretrain/tiny/encoder.safetensors"
     enc_path.parent.mkdir(parents=True)
     save_file(build_encoder(TINY).state_dict(), str(enc_path), metadata={"encoder_config": json.dumps(TINY), "recipe": "tiny"})
     (project / "conf/local/parameters_transfer.yml").write_text(yaml.safe_dump(MICRO))
 
+    transfer = transfer_pipeline()  # encoder names from conf/local: tiny, random_init
+    assert {n.name for n in transfer.nodes} >= {"transfer.tiny.detection", "transfer.random_init.collect"}
     kedro_run(project, "transfer")
     for name in ("tiny", "random_init"):
         metrics = json.loads((project / f"data/07_model_output/transfer_{name}.json").read_text())

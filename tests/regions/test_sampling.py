@@ -45,18 +45,30 @@ def _views(n: int, seed: int = 0) -> list[View]:
 
 
 def test_view_keeps_labels_aligned_with_colours(tmp_path):
-    labels = _blocky(0, layers=1)
-    palette = np.random.default_rng(1).integers(0, 256, size=(labels.max() + 1, 3))
-    palette[:, 0] = np.arange(len(palette)) % 256  # red channel + green channel encode the label exactly
+    hw = (96, 128)
+    grid = np.random.default_rng(0).permutation(300)[:12].reshape(3, 4) + 1
+    labels = np.kron(grid, np.ones((32, 32), np.int64))[None]  # [1, 96, 128], 32-px blocks
+    palette = np.zeros((labels.max() + 1, 3))
+    palette[:, 0] = np.arange(len(palette)) % 256  # red + 256 green = label
     palette[:, 1] = np.arange(len(palette)) // 256
     image = torch.as_tensor(palette[labels[0]]).permute(2, 0, 1).float()  # [3, H, W]: colour = label
     extra = RegionExtra(_store(tmp_path, {"a": labels}))
     flipped = 0
-    for view in _views(12):
-        got = extra.load(_row("a"), view)[0]  # [32, 32]
-        rgb = view.apply(image, mode="nearest")
+    g = torch.Generator().manual_seed(0)
+    views = [View.random_resized_crop(hw, (32, 32), (0.1, 1.0), generator=g) for _ in range(12)]
+    for view in [*views, View(5, 7, 40, 60, (32, 32), True)]:
+        got = extra.load({"image_id": "a", "height": hw[0], "width": hw[1]}, view)[0].long()  # [32, 32]
+        rgb = view.apply(image)  # the image's own (bicubic, antialiased) path
         decoded = rgb[0].round().long() + 256 * rgb[1].round().long()
-        assert torch.equal(decoded, got.long()), view
+        # away from label edges bicubic only sees one colour, so it must decode to the stored label. Radius 3:
+        # antialiased bicubic reaches 2 output px, and View.apply_labels samples at the pixel's top-left
+        # (floor(i * in / out)) rather than its centre, up to half an output pixel off the bicubic grid.
+        # The outer 3 px are left out: the crop may end in a sliver that nearest never samples.
+        win = got.unfold(0, 7, 1).unfold(1, 7, 1)  # [26, 26, 7, 7] around pixels 3..28
+        interior = torch.zeros_like(got, dtype=torch.bool)
+        interior[3:-3, 3:-3] = (win == got[3:-3, 3:-3, None, None]).all(-1).all(-1)
+        assert interior.float().mean() > 0.1, view
+        assert torch.equal(decoded[interior], got[interior]), view
         flipped += view.flip
     assert flipped >= 2
 

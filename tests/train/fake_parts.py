@@ -105,17 +105,41 @@ def build_pretrainer(recipe: dict[str, Any]) -> FakePretrainer:
 def tiny_recipe(**train: Any) -> dict[str, Any]:
     return {
         "name": "tiny",
-        "encoder": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        "encoder": {
+            "img_size": 32,
+            "patch_size": 8,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "mlp_ratio": 2.0,
+        },
         "masker": {"type": "random", "ratio": 0.75},
-        "heads": {"pixel": {"type": "pixel_decoder", "weight": 1.0, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+        "heads": {
+            "pixel": {"type": "pixel_decoder", "weight": 1.0, "embed_dim": 32, "depth": 1, "num_heads": 2}
+        },
         "data": {"sources": ["scenes"], "splits": ["train"], "crop_scale": [0.2, 1.0], "num_workers": 0},
         "train": {
-            "steps": 6, "batch_size": 4, "accum_steps": 1, "blr": 1.5e-4, "lr": 1e-3, "min_lr": 0.0,
-            "warmup_steps": 2, "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": None,
-            "precision": "fp32", "compile": False, "devices": 1, "seed": 0, "ckpt_every": 3,
-            "log_every": 1, "image_every": 0, "device": "cpu", **train,
+            "steps": 6,
+            "batch_size": 4,
+            "accum_steps": 1,
+            "blr": 1.5e-4,
+            "lr": 1e-3,
+            "min_lr": 0.0,
+            "warmup_steps": 2,
+            "weight_decay": 0.05,
+            "betas": [0.9, 0.95],
+            "clip_grad": None,
+            "precision": "fp32",
+            "compile": False,
+            "devices": 1,
+            "seed": 0,
+            "ckpt_every": 3,
+            "log_every": 1,
+            "image_every": 0,
+            "device": "cpu",
+            **train,
         },
-    }  # fmt: skip
+    }
 
 
 def write_images(root: Path, n: int = 12, size: tuple[int, int] = (40, 48), seed: int = 0) -> pd.DataFrame:
@@ -127,8 +151,18 @@ def write_images(root: Path, n: int = 12, size: tuple[int, int] = (40, 48), seed
         base = rng.integers(0, 255, (4, 4, 3)).astype(np.uint8)
         img = Image.fromarray(base).resize(size[::-1], Image.BILINEAR)
         img.save(root / f"img{i:03d}.png")
-        rows.append({"image_id": f"scenes:train:{i}", "source": "scenes", "split": "train", "root": str(root),
-                     "path": f"img{i:03d}.png", "width": size[1], "height": size[0], "content_hash": str(i)})  # fmt: skip
+        rows.append(
+            {
+                "image_id": f"scenes:train:{i}",
+                "source": "scenes",
+                "split": "train",
+                "root": str(root),
+                "path": f"img{i:03d}.png",
+                "width": size[1],
+                "height": size[0],
+                "content_hash": str(i),
+            }
+        )
     from maelab.data.manifest import conform
 
     return conform(pd.DataFrame(rows))
@@ -141,11 +175,23 @@ def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe:
     from maelab.train import distributed
     from maelab.train.engine import train
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     try:
-        train(recipe, manifest, out_dir=out, mlflow={"enabled": False}, build_model=build_pretrainer,
-              build_masker=build_masker, progress=False)  # fmt: skip
+        train(
+            recipe,
+            manifest,
+            out_dir=out,
+            mlflow={"enabled": False},
+            build_model=build_pretrainer,
+            build_masker=build_masker,
+            progress=False,
+        )
     finally:
         distributed.cleanup()

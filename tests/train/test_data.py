@@ -21,7 +21,9 @@ def test_masks_and_views_reproducible_across_workers(manifest):
         assert torch.equal(x["plan"].ids_keep, y["plan"].ids_keep)
         assert x["plan"].mask.shape == (4, 16) and int(x["plan"].mask[0].sum()) == 12
     # the next epoch is a different permutation and different masks
-    assert not torch.equal(a[0]["index"], a[3]["index"]) or not torch.equal(a[0]["plan"].mask, a[3]["plan"].mask)
+    assert not torch.equal(a[0]["index"], a[3]["index"]) or not torch.equal(
+        a[0]["plan"].mask, a[3]["plan"].mask
+    )
 
 
 def test_resume_position_skips_exactly(manifest):

@@ -20,8 +20,15 @@ def test_gloo_ddp_matches_one_process_on_the_same_global_batch(manifest, tmp_pat
     steps = 3
     # one process, batch 4 == two ranks x batch 2: the sampler shards the same permutation
     one = tiny_recipe(steps=steps, batch_size=4, accum_steps=1, lr=None, blr=0.064)
-    train(one, manifest, out_dir=tmp_path / "one", mlflow={"enabled": False}, build_model=build_pretrainer,
-          build_masker=build_masker, progress=False)  # fmt: skip
+    train(
+        one,
+        manifest,
+        out_dir=tmp_path / "one",
+        mlflow={"enabled": False},
+        build_model=build_pretrainer,
+        build_masker=build_masker,
+        progress=False,
+    )
     two = tiny_recipe(steps=steps, batch_size=2, accum_steps=1, lr=None, blr=0.064)  # same lr: 0.064*4/256
     mp.spawn(ddp_worker, args=(2, free_port(), manifest, two, str(tmp_path / "two")), nprocs=2, join=True)
     a = load_checkpoint(tmp_path / "one" / CHECKPOINT)

@@ -12,8 +12,16 @@ OFF = {"enabled": False}
 
 
 def run(recipe, manifest, out, **kw):
-    return train(recipe, manifest, out_dir=out, mlflow=OFF, build_model=build_pretrainer,
-                 build_masker=build_masker, progress=False, **kw)  # fmt: skip
+    return train(
+        recipe,
+        manifest,
+        out_dir=out,
+        mlflow=OFF,
+        build_model=build_pretrainer,
+        build_masker=build_masker,
+        progress=False,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -39,7 +39,13 @@ def test_no_decay_on_norms_biases_and_tokens():
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
-    assert {"encoder.pos", "mask_token", "encoder.norm.weight", "encoder.norm.bias", "encoder.embed.bias"} <= nd
+    assert {
+        "encoder.pos",
+        "mask_token",
+        "encoder.norm.weight",
+        "encoder.norm.bias",
+        "encoder.embed.bias",
+    } <= nd
     assert d == {"encoder.embed.weight", "encoder.mlp.0.weight", "encoder.mlp.2.weight", "decoder.weight"}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     opt = build_optimizer(model, 1e-3, {"betas": [0.9, 0.95], "weight_decay": 0.05})

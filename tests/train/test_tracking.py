@@ -8,16 +8,26 @@ from maelab.train.tracking import mlflow_settings, resolve_uri
 
 
 def run(recipe, manifest, out, mlflow):
-    return train(recipe, manifest, out_dir=out, mlflow=mlflow, build_model=build_pretrainer,
-                 build_masker=build_masker, progress=False)  # fmt: skip
+    return train(
+        recipe,
+        manifest,
+        out_dir=out,
+        mlflow=mlflow,
+        build_model=build_pretrainer,
+        build_masker=build_masker,
+        progress=False,
+    )
 
 
 def test_run_has_params_metrics_and_artifacts(manifest, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    settings = {"tracking_uri": uri, "artifact_location": (tmp_path / "mlruns" / "artifacts").as_uri(),
-                "experiment": "test"}  # fmt: skip
+    settings = {
+        "tracking_uri": uri,
+        "artifact_location": (tmp_path / "mlruns" / "artifacts").as_uri(),
+        "experiment": "test",
+    }
     r = run(tiny_recipe(steps=4, image_every=2, log_every=2), manifest, tmp_path / "out", settings)
     assert r.mlflow_run_id
     client = MlflowClient(uri)

@@ -29,6 +29,7 @@ def test_miou_skips_absent_classes_and_checks_labels():
 def test_out_indices():
     assert default_out_indices(12) == [3, 5, 7, 11]
     assert default_out_indices(6) == [0, 2, 3, 5]
+    assert default_out_indices(2) == [0, 0, 0, 1]
 
 
 def test_upernet_shapes_and_gradient():

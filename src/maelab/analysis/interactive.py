@@ -39,9 +39,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def region_head(model: Pretrainer, name: str | None = None) -> RegionHead:
     """The model's region head (the one named ``name``, or the only one)."""
-    found = {n: h for n, h in model.heads.items() if isinstance(h, RegionHead) and (name is None or n == name)}
+    found = {
+        n: h for n, h in model.heads.items() if isinstance(h, RegionHead) and (name is None or n == name)
+    }
     if len(found) != 1:
-        raise ValueError(f"model has region heads {sorted(found)}; pass head= one name (recipe needs a 'region' head)")
+        raise ValueError(
+            f"model has region heads {sorted(found)}; pass head= one name (recipe needs a 'region' head)"
+        )
     return next(iter(found.values()))
 
 
@@ -80,7 +84,9 @@ def segment_interactive(
     if not pos and region is None:
         raise ValueError("segment_interactive: give at least one prompt patch")
     if len(visible) >= n:
-        raise ValueError(f"segment_interactive: {len(visible)} prompt patches leave nothing of the {n} to predict")
+        raise ValueError(
+            f"segment_interactive: {len(visible)} prompt patches leave nothing of the {n} to predict"
+        )
     dev = next(model.parameters()).device
     p, (gh, gw) = spec.patch_size, spec.grid
     if region is None:  # clicks: fill the revealed patches with ones / zeros
@@ -99,7 +105,9 @@ def segment_interactive(
     elif image_visible == "prompt":
         iplan = rplan
     else:
-        raise ValueError(f"segment_interactive: image_visible must be 'all' or 'prompt', got {image_visible!r}")
+        raise ValueError(
+            f"segment_interactive: image_visible must be 'all' or 'prompt', got {image_visible!r}"
+        )
 
     model.eval()
     latent = model.encoder.forward_features(image[None].to(dev), iplan)
@@ -139,7 +147,7 @@ def choose_prompts(mask: Tensor, p: int, kind: str, amount: float, generator: to
 
 
 def prompt_baseline(mask: Tensor, prompts: Sequence[int], p: int, kind: str, grid: tuple[int, int]) -> Tensor:
-    """The trivial answer: the union of the prompt patches (clicks), or the revealed foreground pixels (reveal)."""
+    """The trivial answer: the union of the prompt patches (clicks), or the revealed foreground (reveal)."""
     gh, gw = grid
     g = torch.zeros(gh * gw)
     g[list(prompts)] = 1.0
@@ -258,7 +266,9 @@ def load_model(recipe: str, env: str | None, checkpoint: str | Path) -> Pretrain
 
 def figure(image: Tensor, prob: Tensor, prompts: Sequence[int], p: int, scale: int = 4) -> np.ndarray:
     """``[H*s, 3*W*s, 3]`` uint8: image with the prompt patches outlined | prediction | overlay."""
-    img = (image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).clamp(0, 1)
+    img = (
+        image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    ).clamp(0, 1)
     h, w = img.shape[-2:]
     gw = w // p
     prompt_img = img.clone()
@@ -296,7 +306,8 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def eval_cli(args: argparse.Namespace) -> int:
-    """``maelab segment-eval --recipe R --checkpoint PATH [--annotations JSON --root DIR] [--kind clicks|reveal]
+    """``maelab segment-eval --recipe R --checkpoint PATH [--annotations JSON --root DIR]
+    [--kind clicks|reveal]
     [--amount A] [--limit N] [--json]``: mean IoU vs the union-of-prompts baseline on held-out scenes."""
     model = load_model(args.recipe, args.env, args.checkpoint)
     samples = scenes_samples(args.annotations, args.root, model.encoder.img_size, args.limit)

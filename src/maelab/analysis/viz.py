@@ -1,4 +1,4 @@
-"""Pictures: the MAE-style reconstruction grid (He et al. 2022, Fig. 2): masked / reconstruction / original."""
+"""Pictures: the MAE-style reconstruction grid (He et al. 2022, Fig. 2): masked / reconstruction / input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def denormalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+def denormalize(
+    x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Tensor:
     """``[B, 3, H, W]`` normalised -> [0, 1]."""
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
@@ -56,3 +58,40 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def region_grid(
+    image: Tensor,
+    regions: Tensor,
+    logits: Tensor,
+    mask: Tensor,
+    patch_size: int,
+    max_images: int = 8,
+    region: int = 0,
+    scale: int = 2,
+    gray: float = 0.5,
+) -> np.ndarray:
+    """R-MAE's region group (Fig. 5): an ``[4*H, cols*W, 3]`` uint8 grid, one column per sample (region slot
+    ``region``). Rows: the masked image, the masked region (masked patches gray), the predicted region
+    (probabilities, visible patches pasted), the target region.
+
+    image: [B, 3, H, W] normalised; regions: [B, k, H, W]; logits: [B, k, L, p*p]; mask: [B, L] bool.
+    """
+    n = min(max_images, image.shape[0])
+    img = denormalize(image[:n].detach().cpu())
+    h, w = img.shape[-2:]
+    m = pixel_mask(mask[:n].detach().cpu(), (h, w))  # [n, 1, H, W]
+    target = regions[:n, region].detach().cpu().float()[:, None]  # [n, 1, H, W]
+    p, gh, gw = patch_size, h // patch_size, w // patch_size
+    lg = logits[:n, region].detach().cpu().float().sigmoid()  # [n, L, p*p]
+    pred = lg.view(n, gh, gw, p, p).permute(0, 1, 3, 2, 4).reshape(n, 1, h, w)
+    rows = [
+        img * (1 - m) + gray * m,
+        (target * (1 - m) + gray * m).expand(-1, 3, -1, -1),
+        (target * (1 - m) + pred * m).expand(-1, 3, -1, -1),
+        target.expand(-1, 3, -1, -1),
+    ]
+    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # [3, 4H, n*W]
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

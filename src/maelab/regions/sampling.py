@@ -54,20 +54,23 @@ def eligible_segments(labels: Tensor, mask: Tensor, min_patches: int = 1) -> tup
     s, h, w = labels.shape
     num_patches = mask.numel()
     p, gh, gw = patch_grid((h, w), num_patches)
-    # patch index of every pixel [H, W]
-    pid = (torch.arange(h)[:, None] // p) * gw + torch.arange(w)[None, :] // p
+    visible_px = (~mask).view(gh, gw).repeat_interleave(p, 0).repeat_interleave(p, 1)  # [H, W]
+    if min_patches > 1:
+        pid = ((torch.arange(h)[:, None] // p) * gw + torch.arange(w)[None, :] // p).flatten()  # [H*W]
     layers, labs = [], []
     for i in range(s):
         lab = labels[i].long()
-        pairs = torch.unique(lab * num_patches + pid)  # distinct (label, patch) pairs
-        pair_lab, pair_patch = pairs // num_patches, pairs % num_patches
-        visible = torch.unique(pair_lab[~mask[pair_patch]])
-        if min_patches > 1:
-            counts = torch.bincount(pair_lab)
-            visible = visible[counts[visible] >= min_patches]
-        visible = visible[visible > 0]  # label 0: no region
-        layers.append(torch.full_like(visible, i))
-        labs.append(visible)
+        n = int(lab.max()) + 1
+        keep = torch.bincount(lab[visible_px], minlength=n) > 0  # [n] any pixel in a visible patch
+        if min_patches > 1:  # distinct (label, patch) pairs -> patches touched per label
+            touched = torch.bincount(
+                torch.unique(lab.flatten() * num_patches + pid) // num_patches, minlength=n
+            )
+            keep &= touched >= min_patches
+        keep[0] = False  # label 0: no region
+        ids = keep.nonzero().squeeze(1)
+        layers.append(torch.full_like(ids, i))
+        labs.append(ids)
     return torch.cat(layers), torch.cat(labs)
 
 

@@ -7,7 +7,7 @@ Layout under the catalog path (one folder per region source, e.g. ``fh``, ``pano
     <path>/<source>/shards/<hash>.bin  concatenated compressed records, named by a hash of their content
 
 A record is one image's ``[S, H, W]`` maps (uint16, or int32 past 65535 labels), C order, compressed with
-``codec`` (lzma preset 1 by default: label maps are long runs, ~70x smaller than raw).
+``codec`` (lzma preset 1 by default: label maps are long runs, ~100x smaller than raw uint16).
 Writes are atomic: a shard is written to a temp file and ``os.replace``d; the index is rewritten the same
 way only after its shards are on disk, so a killed run leaves at worst an unreferenced shard (removed by the
 next run's :meth:`SourceStore.gc`). Reads use ``os.pread`` on shards opened lazily once per process,

@@ -37,13 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m maelab.train", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", help="recipe name in parameters_pretrain.yml")
-    src.add_argument("--recipe-file", type=Path, help="a resolved recipe as JSON (what the Kedro node passes)")
+    src.add_argument(
+        "--recipe-file", type=Path, help="a resolved recipe as JSON (what the Kedro node passes)"
+    )
     p.add_argument("--env", default=None, help="Kedro config env (imagenet, coco, local)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--manifest", type=Path, default=None, help="manifest parquet (default: data.manifest)")
     p.add_argument("--out-dir", type=Path, default=None)
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this global step (keeps the schedule)")
+    p.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this global step (keeps the schedule)"
+    )
     p.add_argument("--no-mlflow", action="store_true")
     return p
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch, cuda, numpy, python) as weights_only-safe values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 (the legacy global RNG is what we save)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -29,7 +29,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    np.random.set_state(np_state)  # noqa: NPY002
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 
@@ -60,6 +61,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable maelab checkpoint ({exc})") from exc
 
 
-def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return _atomic(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=metadata))

@@ -68,13 +68,15 @@ def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "
 
 def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
     """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, ...}`` attaches R-MAE's
-    :class:`~maelab.regions.sampling.RegionExtra` (store ``data/04_feature/regions/<source>``, or ``store``)."""
+    :class:`~maelab.regions.sampling.RegionExtra` (store ``data/04_feature/regions/<source>`` or ``store``).
+    """
     out: list[SampleExtra] = []
     if data_cfg.get("regions"):
         from maelab.config import project_root
         from maelab.regions.sampling import RegionExtra
 
-        out.append(RegionExtra.from_params(data_cfg["regions"], root=project_root() / "data/04_feature/regions"))
+        root = project_root() / "data/04_feature/regions"
+        out.append(RegionExtra.from_params(data_cfg["regions"], root=root))
     return out
 
 
@@ -115,7 +117,9 @@ class PretrainDataset(Dataset):
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot decode image (manifest row {row['image_id']!r}): {exc}") from exc
+            raise ValueError(
+                f"{path}: cannot decode image (manifest row {row['image_id']!r}): {exc}"
+            ) from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:

@@ -46,7 +46,9 @@ def setup(device: str | None = None) -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend, init_method="env://", device_id=dev if dev.type == "cuda" else None
+        )
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return DistInfo(rank, local_rank, world, dev)

@@ -216,8 +216,12 @@ def train(
         if state.get("world_size") != dist.world_size or state.get("batch_size") != batch_size:
             log.warning(
                 "%s: saved with world_size=%s batch_size=%s, resuming with %s/%s: data order is not exact",
-                ckpt_path, state.get("world_size"), state.get("batch_size"), dist.world_size, batch_size,
-            )  # fmt: skip
+                ckpt_path,
+                state.get("world_size"),
+                state.get("batch_size"),
+                dist.world_size,
+                batch_size,
+            )
         log.info("resumed %s at step %d (epoch %d)", ckpt_path, start_step, consumed // batches_per_epoch)
     elif resume:
         log.warning("%s: no checkpoint, starting from scratch", ckpt_path)
@@ -242,8 +246,17 @@ def train(
     if dist.is_main:
         log.info(
             "train %s: %d steps (warm-up %d), lr %.3g, batch %dx%dx%d, %s on %s, %d images",
-            name, total, warmup, lr, batch_size, accum, dist.world_size, precision, device, len(dataset),
-        )  # fmt: skip
+            name,
+            total,
+            warmup,
+            lr,
+            batch_size,
+            accum,
+            dist.world_size,
+            precision,
+            device,
+            len(dataset),
+        )
 
     def save(step_done: int) -> None:
         rngs = D.all_gather_object(rng_state())  # every rank's RNG, for an exact resume under DDP
@@ -357,7 +370,9 @@ def train(
                 metrics["peak_mem_mb"] = peak_memory_mb(device)
                 tracker.log_metrics(metrics, step_done)
                 if bar is None:
-                    log.info("step %d/%d loss %.4f lr %.3e %.1f img/s", step_done, total, stats[0], lr_now, ips)
+                    log.info(
+                        "step %d/%d loss %.4f lr %.3e %.1f img/s", step_done, total, stats[0], lr_now, ips
+                    )
             if image_every and step_done % image_every == 0 and step_done != total:
                 log_grid(batch, outputs, step_done)
             if (ckpt_every and step_done % ckpt_every == 0) or step_done == end:

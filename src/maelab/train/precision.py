@@ -35,7 +35,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in DTYPES:
         raise ValueError(f"recipe train.precision: {precision!r} is not one of auto, bf16, fp16, fp32")
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"recipe train.precision: fp16 needs CUDA (device is {device.type}); use bf16 or fp32")
+        raise ValueError(
+            f"recipe train.precision: fp16 needs CUDA (device is {device.type}); use bf16 or fp32"
+        )
     return precision
 
 

@@ -36,7 +36,7 @@ class CosineSchedule:
 
 
 def resolve_steps(train_cfg: dict[str, Any], steps_per_epoch: int) -> tuple[int, int]:
-    """``(total, warmup)`` optimiser steps: ``steps``/``warmup_steps`` win over ``epochs``/``warmup_epochs``."""
+    """``(total, warmup)`` optimiser steps; ``steps``/``warmup_steps`` win over ``(warmup_)epochs``."""
     if train_cfg.get("steps"):
         total = int(train_cfg["steps"])
     elif train_cfg.get("epochs"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import tempfile
 import time
 import warnings
@@ -59,6 +60,16 @@ def mlflow_settings(env: str | None = None, cfg: Mapping[str, Any] | None = None
     }
 
 
+def check_sqlite(path: Path) -> None:
+    """Fail fast on an unusable sqlite file (MLflow itself retries for ~100 s before giving up)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=10)
+    try:
+        con.execute("PRAGMA schema_version").fetchone()
+    finally:
+        con.close()
+
+
 class Tracker:
     """A thin MlflowClient wrapper: every call is guarded; after the first failure it goes quiet."""
 
@@ -87,7 +98,7 @@ class Tracker:
 
             uri = self.settings["tracking_uri"]
             if uri.startswith("sqlite:///"):
-                Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+                check_sqlite(Path(uri[len("sqlite:///") :]))
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(self.settings["experiment"])
             exp_id = (
@@ -114,7 +125,6 @@ class Tracker:
         if not (self.enabled and self.run_id):
             return
         try:
-
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)

@@ -33,7 +33,7 @@ def default_out_indices(depth: int) -> list[int]:
     """BEiT/MAE read-out blocks: 3, 5, 7, 11 for depth 12, else four evenly spaced blocks ending at the last."""
     if depth == 12:
         return [3, 5, 7, 11]
-    return sorted({(i + 1) * depth // 4 - 1 for i in range(4)})
+    return [max(0, (i + 1) * depth // 4 - 1) for i in range(4)]  # depth < 4 repeats blocks
 
 
 class MultiLevelNeck(nn.Module):

@@ -53,7 +53,7 @@ Norm = partial(nn.LayerNorm, eps=1e-6)
 
 # -- small pieces ----------------------------------------------------------------------------------
 def region_plan(plan: MaskPlan, ratio: float | None) -> MaskPlan:
-    """The region branch's plan: ``plan`` itself, or the same shuffle order cut at ``int(L * (1 - ratio))``."""
+    """The region branch's plan: ``plan`` itself, or its shuffle order cut at ``int(L * (1 - ratio))``."""
     if ratio is None:
         return plan
     n = plan.num_patches
@@ -65,7 +65,7 @@ def region_plan(plan: MaskPlan, ratio: float | None) -> MaskPlan:
 
 
 def mask_fill(x: Tensor, ids_restore: Tensor, mask_token: Tensor) -> Tensor:
-    """MaskFill (eq. 2, 5, 9, 12): kept tokens ``[B, L_keep, D]`` + mask tokens -> ``[B, L, D]`` raster order."""
+    """MaskFill (eq. 2, 5, 9, 12): kept tokens ``[B, L_keep, D]`` + mask tokens -> ``[B, L, D]`` (raster)."""
     b, n_keep, d = x.shape
     n = ids_restore.shape[-1]
     x = torch.cat([x, mask_token.to(x.dtype).expand(b, n - n_keep, d)], dim=1)
@@ -173,7 +173,9 @@ class RegionHead(Head):
         if feed not in FEEDS:
             raise ValueError(f"region head: feed {feed!r} is unknown; choose one of {FEEDS}")
         if feed != "pixel" and not pixel_dim:
-            raise ValueError(f"region head: feed {feed!r} feeds the pixel decoder and needs pixel_dim (its embed_dim)")
+            raise ValueError(
+                f"region head: feed {feed!r} feeds the pixel decoder and needs pixel_dim (its embed_dim)"
+            )
         if mask_ratio is not None and not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(f"region head: mask_ratio must be in [0, 1) or null, got {mask_ratio!r}")
         if min(num_regions, enc_depth, neck_depth, depth) < 1:
@@ -246,7 +248,9 @@ class RegionHead(Head):
         b, k, h, w = regions.shape
         if k != self.num_regions and self.variant == "channel":
             raise ValueError(f"region head (channel): built for {self.num_regions} regions, batch has {k}")
-        return patchify(regions.reshape(b * k, 1, h, w).float(), self.spec.patch_size).view(b, k, -1, self.spec.patch_size**2)
+        return patchify(regions.reshape(b * k, 1, h, w).float(), self.spec.patch_size).view(
+            b, k, -1, self.spec.patch_size**2
+        )
 
     def encode(self, target: Tensor, rplan: MaskPlan) -> Tensor:
         """Region encoder on the visible patches (eq. 1, 4, 7 before pooling): ``[B, k', L_keep_R, p_E]``
@@ -281,14 +285,18 @@ class RegionHead(Head):
         """Region decoder + predictor -> logits ``[B, k, L, p*p]``."""
         n = rplan.num_patches
         if self.variant == "length":
-            q = self.proj(tokens.mean(2))  # AvgPool over visible patches (eq. 7), concat (eq. 8), f: [B, k, pD]
+            q = self.proj(
+                tokens.mean(2)
+            )  # AvgPool over visible patches (eq. 7), concat (eq. 8), f: [B, k, pD]
             for blk in self.decoder_blocks:
                 q = blk(q, ctx)  # eq. 10
             x = self.expansion(q, ctx[:, -n:])  # eq. 11: [B, k, L, pD]
             return self.predictor(self.decoder_norm(x))  # g: [B, k, L, p*p]
         b, k_ = tokens.shape[:2]
         ids_restore = rplan.ids_restore.repeat_interleave(k_, 0)  # [B*k', L]
-        x = mask_fill(self.proj(tokens.flatten(0, 1)), ids_restore, self.dec_mask_token) + self.dec_pos  # eq. 2, 5
+        x = (
+            mask_fill(self.proj(tokens.flatten(0, 1)), ids_restore, self.dec_mask_token) + self.dec_pos
+        )  # eq. 2, 5
         if self.from_pixels:  # eq. 3, 6: + v'_penc, shared by the k regions
             x = (x.view(b, k_, n, -1) + ctx[:, None, -n:]).flatten(0, 1)
         for blk in self.decoder_blocks:
@@ -318,7 +326,8 @@ class RegionHead(Head):
     ) -> tuple[Tensor, Tensor]:
         if self.key not in batch:
             raise KeyError(
-                f"region head: the batch has no {self.key!r}; set data.regions in the recipe (R-MAE needs region maps)"
+                f"region head: the batch has no {self.key!r}; "
+                "set data.regions in the recipe (R-MAE needs region maps)"
             )
         rplan = region_plan(plan, self.mask_ratio)
         regions = batch[self.key]
@@ -330,6 +339,14 @@ class RegionHead(Head):
         with torch.autocast(logits.device.type, enabled=False):
             loss = region_loss(logits, target, rplan.mask)
         return loss, logits
+
+    @torch.no_grad()
+    def picture(self, batch: dict[str, Any], logits: Tensor, plan: MaskPlan) -> Any:
+        """The region reconstruction grid (``maelab.analysis.viz.region_grid``) for MLflow."""
+        from maelab.analysis.viz import region_grid
+
+        rplan = region_plan(plan, self.mask_ratio)
+        return region_grid(batch["image"], batch[self.key], logits, rplan.mask, self.spec.patch_size)
 
 
 def region_loss(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:

@@ -23,7 +23,9 @@ def recipe_from_params(recipes: dict[str, Any], recipe_defaults: dict[str, Any],
     return resolve_recipe({"recipes": recipes, "recipe_defaults": recipe_defaults}, name)
 
 
-def launch_torchrun(recipe: dict[str, Any], manifest: pd.DataFrame, devices: int, env: str | None) -> dict[str, Any]:
+def launch_torchrun(
+    recipe: dict[str, Any], manifest: pd.DataFrame, devices: int, env: str | None
+) -> dict[str, Any]:
     """``torchrun --standalone --nproc_per_node=devices -m maelab.train`` on this machine; returns its report.
 
     The resolved recipe and the manifest go through files in the run's output folder, so runtime
@@ -36,23 +38,35 @@ def launch_torchrun(recipe: dict[str, Any], manifest: pd.DataFrame, devices: int
     manifest.to_parquet(manifest_file)
     (out / RESULT).unlink(missing_ok=True)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-        "-m", "maelab.train", "--recipe-file", str(recipe_file), "--manifest", str(manifest_file),
-        "--out-dir", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={devices}",
+        "-m",
+        "maelab.train",
+        "--recipe-file",
+        str(recipe_file),
+        "--manifest",
+        str(manifest_file),
+        "--out-dir",
+        str(out),
+    ]
     if env:
         cmd += ["--env", env]
     log.info("launching %s", " ".join(cmd))
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun for recipe {recipe.get('name')!r} failed with exit code {proc.returncode}")
+        raise RuntimeError(
+            f"torchrun for recipe {recipe.get('name')!r} failed with exit code {proc.returncode}"
+        )
     return json.loads((out / RESULT).read_text())
 
 
 def pretrain(
     manifest: pd.DataFrame, recipes: dict[str, Any], recipe_defaults: dict[str, Any], recipe_name: str
 ) -> tuple[dict[str, Any], str]:
-    """Train ``recipe_name``; returns (report, encoder path). MLflow settings: ``conf/$KEDRO_ENV/mlflow.yml``."""
+    """Train ``recipe_name`` -> (report, encoder path). MLflow: ``conf/$KEDRO_ENV/mlflow.yml``."""
     recipe = recipe_from_params(recipes, recipe_defaults, recipe_name)
     env = os.environ.get("KEDRO_ENV")
     devices = int(recipe["train"].get("devices") or 1)
@@ -62,6 +76,11 @@ def pretrain(
         report = train(recipe, manifest, env=env).report()
     log.info(
         "pretrain %s: %d steps, loss %.4f -> %.4f, %.1f img/s, %.0f s",
-        recipe_name, report["steps"], report["first_loss"], report["last_loss"], report["images_per_s"], report["wall_s"],
-    )  # fmt: skip
+        recipe_name,
+        report["steps"],
+        report["first_loss"],
+        report["last_loss"],
+        report["images_per_s"],
+        report["wall_s"],
+    )
     return report, str(Path(report["encoder_path"]))

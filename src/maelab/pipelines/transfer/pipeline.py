@@ -16,11 +16,13 @@ DEFAULT_ENCODERS = ("mae", "rmae", "random_init")
 
 
 def configured_encoders() -> list[str]:
-    """Encoder names from the project's parameters (``transfer.encoders``), else :data:`DEFAULT_ENCODERS`."""
+    """Encoder names from the project's parameters: ``transfer.evaluate`` (a list, so an env replaces it
+    whole; ``encoders`` is a dict and merges), else the keys of ``transfer.encoders``, else the defaults."""
     try:
         from maelab.config import load_config
 
-        names = list((load_config("parameters").get("transfer") or {}).get("encoders") or {})
+        transfer = load_config("parameters").get("transfer") or {}
+        names = list(transfer.get("evaluate") or transfer.get("encoders") or [])
     except Exception:
         names = []
     return names or list(DEFAULT_ENCODERS)

@@ -1,0 +1,198 @@
+"""``maelab bench train``: median images/s and peak memory of training steps on synthetic input.
+
+Several precisions are measured side by side in one run (same recipe, batch and device), each on a
+fresh model after warm-up steps. On a GPU it also reports model-FLOPs utilisation:
+
+    MFU = 3 x forward MACs x 2 FLOPs/MAC x images/s / device peak (dense bf16)
+
+with the forward MACs of ``maelab.analysis.flops.count_gmacs`` (3x: forward + backward).
+
+    maelab bench train --recipe mae --env imagenet --batch-size 8 --precision bf16,fp32 --steps 5 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from typing import Any
+
+import torch
+
+from maelab.masking.plan import MaskPlan
+
+# dense bf16 tensor-core peak, TFLOP/s (vendor data sheets; SXM parts unless named)
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "V100": 125.0,  # fp16
+}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_TFLOPS.items():  # first match: "H100 PCIe" before "H100"
+        if key in name:
+            return peak
+    return None
+
+
+class RssPeak:
+    """Peak resident memory of this process while the block runs (sampled from /proc every 5 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = 4096
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __enter__(self) -> RssPeak:
+        import os
+
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def synthetic_batch(
+    model: Any, recipe: dict[str, Any], batch_size: int, device: torch.device
+) -> dict[str, Any]:
+    """Random images, the recipe's masker's plans (seeded) and whatever extra inputs the heads need."""
+    g = torch.Generator().manual_seed(0)
+    enc = recipe["encoder"]
+    size = enc["img_size"]
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    batch: dict[str, Any] = {"image": torch.randn(batch_size, 3, *hw, generator=g)}
+    masker = getattr(model, "masker", None)
+    if masker is not None and not masker.in_step:
+        batch["plan"] = MaskPlan.collate([masker(g) for _ in range(batch_size)])
+    for head in getattr(model, "heads", {}).values():
+        if hasattr(head, "example_batch"):
+            batch.update(head.example_batch(batch_size))
+    return {k: (v.to(device) if isinstance(v, torch.Tensor | MaskPlan) else v) for k, v in batch.items()}
+
+
+def bench_precision(
+    recipe: dict[str, Any], precision: str, batch_size: int, steps: int, device: torch.device, warmup: int = 2
+) -> dict[str, Any]:
+    from maelab.models import build_pretrainer
+    from maelab.train.optim import build_optimizer
+    from maelab.train.precision import autocast, grad_scaler, resolve_precision
+
+    precision = resolve_precision(precision, device)
+    torch.manual_seed(0)
+    model = build_pretrainer(recipe).to(device).train()
+    opt = build_optimizer(model, 1e-4, recipe.get("train", {}))
+    scaler = grad_scaler(precision, device)
+    step_model = torch.compile(model) if recipe.get("train", {}).get("compile") else model
+    batch = synthetic_batch(model, recipe, batch_size, device)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        with autocast(precision, device):
+            loss = step_model(batch).loss.float()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with RssPeak() as rss:
+        times = [step() for _ in range(steps)]
+    med = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+    return {
+        "precision": precision,
+        "images_per_s": batch_size / med,
+        "step_ms": med * 1e3,
+        "peak_mem_mb": peak / 2**20,
+        "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
+    }
+
+
+def bench_train(
+    recipe: dict[str, Any],
+    precisions: list[str],
+    batch_size: int | None = None,
+    steps: int = 20,
+    device: str | None = None,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    from maelab.train.distributed import pick_device
+
+    dev = pick_device(device)
+    batch_size = int(batch_size or recipe["train"]["batch_size"])
+    results = [bench_precision(recipe, p, batch_size, steps, dev, warmup) for p in precisions]
+    out: dict[str, Any] = {
+        "recipe": recipe.get("name"),
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "batch_size": batch_size,
+        "steps": steps,
+        "results": results,
+    }
+    peak = device_peak_tflops(dev)
+    if dev.type == "cuda":
+        from maelab.analysis.flops import count_gmacs
+
+        gmacs = count_gmacs(recipe)
+        out["gmacs_per_image"] = gmacs
+        out["peak_bf16_tflops"] = peak
+        for r in results:
+            achieved = 3 * gmacs * 1e9 * 2 * r["images_per_s"]
+            r["tflops"] = achieved / 1e12
+            r["mfu"] = achieved / (peak * 1e12) if peak else None
+    return out
+
+
+def train_cli(args: argparse.Namespace) -> int:
+    from maelab.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.env)
+    precisions = [p.strip() for p in (args.precision or recipe["train"].get("precision", "auto")).split(",")]
+    out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{out['recipe']} on {out['device']}, batch {out['batch_size']}, median of {out['steps']} steps")
+    print(f"{'precision':>9} {'images/s':>9} {'step ms':>9} {'peak MB':>9} {'MFU':>6}")
+    for r in out["results"]:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        ips, ms, mb = r["images_per_s"], r["step_ms"], r["peak_mem_mb"]
+        print(f"{r['precision']:>9} {ips:9.2f} {ms:9.1f} {mb:9.0f} {mfu:>6}")
+    return 0

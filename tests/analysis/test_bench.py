@@ -1,0 +1,41 @@
+import argparse
+import json
+
+import torch
+
+from maelab.analysis.bench import PEAK_BF16_TFLOPS, bench_train, train_cli
+
+TINY = {
+    "name": "tiny",
+    "encoder": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    "masker": {"type": "random", "ratio": 0.75},
+    "heads": {"pixel": {"type": "pixel_decoder", "embed_dim": 32, "depth": 1, "num_heads": 2}},
+    "train": {"batch_size": 4, "weight_decay": 0.05, "betas": [0.9, 0.95]},
+}
+
+
+def test_two_precisions_side_by_side():
+    out = bench_train(TINY, ["fp32", "bf16"], batch_size=4, steps=3, device="cpu", warmup=1)
+    assert [r["precision"] for r in out["results"]] == ["fp32", "bf16"]
+    for r in out["results"]:
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_mb"] > 10
+        assert "mfu" not in r  # only on a GPU
+    assert out["batch_size"] == 4 and out["device"].startswith("cpu")
+
+
+def test_cli_prints_one_json_line(capsys, monkeypatch):
+    monkeypatch.setattr("maelab.config.load_recipe", lambda name, env=None: {**TINY, "name": name})
+    args = argparse.Namespace(
+        recipe="mae", env=None, steps=2, batch_size=2, precision="fp32", device="cpu", json=True
+    )
+    assert train_cli(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    assert got["recipe"] == "mae" and got["results"][0]["precision"] == "fp32"
+
+
+def test_peak_table_prefers_the_specific_name():
+    names = list(PEAK_BF16_TFLOPS)
+    assert names.index("H100 PCIe") < names.index("H100")
+    assert torch.device("cpu").type == "cpu"
