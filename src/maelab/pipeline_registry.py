@@ -14,5 +14,5 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
     for recipe in RECIPES:
         pipelines[f"pretrain_{recipe}"] = pretrain_pipeline(recipe)
-    pipelines["__default__"] = pipelines["ingest"]
+    pipelines["__default__"] = pipelines.get("ingest", Pipeline([]))
     return pipelines

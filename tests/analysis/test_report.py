@@ -10,17 +10,36 @@ METRICS = {
     "miou": ["segmentation", "miou"],
 }
 RESULTS = {
-    "rmae": {"tasks": {"linear_probe": {"top1": 61.234}, "finetune": {"top1": 80.0}, "detection": {"box_ap": 12.5, "mask_ap": 10.0},
-                       "segmentation": {"miou": 40.0}}},
-    "random_init": {"tasks": {"linear_probe": {"top1": 20.0}, "finetune": {"status": "disabled"},
-                              "detection": {"box_ap": 1.0, "mask_ap": 0.5}, "segmentation": {"miou": 10.0}}},
+    "rmae": {
+        "tasks": {
+            "linear_probe": {"top1": 61.234},
+            "finetune": {"top1": 80.0},
+            "detection": {"box_ap": 12.5, "mask_ap": 10.0},
+            "segmentation": {"miou": 40.0},
+        }
+    },
+    "random_init": {
+        "tasks": {
+            "linear_probe": {"top1": 20.0},
+            "finetune": {"status": "disabled"},
+            "detection": {"box_ap": 1.0, "mask_ap": 0.5},
+            "segmentation": {"miou": 10.0},
+        }
+    },
 }
 
 
 def test_rows_table_and_plot():
     rows = build_rows(RESULTS, METRICS, {"rmae": 9.8, "random_init": 0.0})
-    assert rows[0] == {"recipe": "rmae", "gmacs": 9.8, "linear_top1": 61.234, "finetune_top1": 80.0, "box_ap": 12.5,
-                       "mask_ap": 10.0, "miou": 40.0}
+    assert rows[0] == {
+        "recipe": "rmae",
+        "gmacs": 9.8,
+        "linear_top1": 61.234,
+        "finetune_top1": 80.0,
+        "box_ap": 12.5,
+        "mask_ap": 10.0,
+        "miou": 40.0,
+    }
     assert rows[1]["finetune_top1"] is None
     md = markdown_table(rows)
     lines = md.strip().splitlines()
@@ -31,10 +50,15 @@ def test_rows_table_and_plot():
 
 
 def test_make_report_without_mlflow():
-    params = {"report": {"metrics": METRICS, "mlflow": False}, "transfer": {"encoders": {"rmae": "x.safetensors", "random_init": None}},
-              "recipes": {}}
+    params = {
+        "report": {"metrics": METRICS, "mlflow": False},
+        "transfer": {"encoders": {"rmae": "x.safetensors", "random_init": None}},
+        "recipes": {},
+    }
     report, md, df, fig = make_report(RESULTS, params)
     assert [r["recipe"] for r in report["rows"]] == ["rmae", "random_init"]
-    assert report["rows"][1]["gmacs"] == 0.0 and report["rows"][0]["gmacs"] is None  # rmae: no recipe -> not countable
+    assert (
+        report["rows"][1]["gmacs"] == 0.0 and report["rows"][0]["gmacs"] is None
+    )  # rmae: no recipe -> not countable
     assert list(df.columns) == ["recipe", "gmacs", *METRICS]
     assert df.loc[0, "box_ap"] == pytest.approx(12.5)

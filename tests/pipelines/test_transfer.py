@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 
 from maelab.models.vit import build_encoder
 
-_spec = importlib.util.spec_from_file_location("scenes_fixture", Path(__file__).parents[1] / "transfer" / "scenes_fixture.py")
+_spec = importlib.util.spec_from_file_location(
+    "scenes_fixture", Path(__file__).parents[1] / "transfer" / "scenes_fixture.py"
+)
 scenes_fixture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scenes_fixture)
 
@@ -25,10 +27,25 @@ MICRO = {
         "tasks": {
             "linear_probe": {"img_size": 32, "epochs": 3, "warmup_epochs": 1, "batch_size": 8},
             "finetune": {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4},
-            "detection": {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 2, "out_channels": 16,
-                          "head_channels": 16, "fc_dim": 32, "window_size": 2, "eval_batch_size": 4,
-                          "anchor_sizes": [8, 16, 32, 64, 128]},
-            "segmentation": {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4, "decoder_channels": 16},
+            "detection": {
+                "img_size": 32,
+                "steps": 2,
+                "warmup_steps": 1,
+                "batch_size": 2,
+                "out_channels": 16,
+                "head_channels": 16,
+                "fc_dim": 32,
+                "window_size": 2,
+                "eval_batch_size": 4,
+                "anchor_sizes": [8, 16, 32, 64, 128],
+            },
+            "segmentation": {
+                "img_size": 32,
+                "steps": 2,
+                "warmup_steps": 1,
+                "batch_size": 4,
+                "decoder_channels": 16,
+            },
         },
     },
 }
@@ -42,14 +59,20 @@ def test_transfer_and_report_end_to_end(kedro_project, kedro_run, monkeypatch):
 
     # only this stage's pipelines: another stage's registry entry must not break this test
     monkeypatch.setattr(
-        pipeline_registry, "register_pipelines", lambda: {"transfer": transfer_pipeline(), "report": report_pipeline()}
+        pipeline_registry,
+        "register_pipelines",
+        lambda: {"transfer": transfer_pipeline(), "report": report_pipeline()},
     )
 
     project = kedro_project
     scenes_fixture.make_scenes(project, n_train=4, n_val=4, size=32)
     enc_path = project / "data/06_models/pretrain/tiny/encoder.safetensors"
     enc_path.parent.mkdir(parents=True)
-    save_file(build_encoder(TINY).state_dict(), str(enc_path), metadata={"encoder_config": json.dumps(TINY), "recipe": "tiny"})
+    save_file(
+        build_encoder(TINY).state_dict(),
+        str(enc_path),
+        metadata={"encoder_config": json.dumps(TINY), "recipe": "tiny"},
+    )
     (project / "conf/local/parameters_transfer.yml").write_text(yaml.safe_dump(MICRO))
 
     transfer = transfer_pipeline()  # encoder names from conf/local: tiny, random_init
@@ -62,14 +85,22 @@ def test_transfer_and_report_end_to_end(kedro_project, kedro_run, monkeypatch):
         assert all(t["status"] == "ok" for t in tasks.values())
         assert 0 <= tasks["linear_probe"]["top1"] <= 100 and 0 <= tasks["detection"]["mask_ap"] <= 100
         assert tasks["segmentation"]["num_classes"] == 11  # 10 shapes + background
-    assert json.loads((project / "data/07_model_output/transfer_tiny.json").read_text())["tasks"]["finetune"]["encoder"].endswith(
-        "tiny/encoder.safetensors"
-    )
+    assert json.loads((project / "data/07_model_output/transfer_tiny.json").read_text())["tasks"]["finetune"][
+        "encoder"
+    ].endswith("tiny/encoder.safetensors")
 
     kedro_run(project, "report")
     report = json.loads((project / "data/08_reporting/report.json").read_text())
     assert [r["recipe"] for r in report["rows"]] == ["tiny", "random_init"]
-    assert set(report["rows"][0]) >= {"recipe", "gmacs", "linear_top1", "finetune_top1", "box_ap", "mask_ap", "miou"}
+    assert set(report["rows"][0]) >= {
+        "recipe",
+        "gmacs",
+        "linear_top1",
+        "finetune_top1",
+        "box_ap",
+        "mask_ap",
+        "miou",
+    }
     assert (project / "data/08_reporting/report.md").read_text().startswith("| pre-training")
     assert (project / "data/08_reporting/report_vs_gmacs.png").stat().st_size > 1000
 

@@ -48,7 +48,9 @@ def test_pos_embed_upsampling_is_smooth():
     step_up = (up[:, 1:] - up[:, :-1]).abs().max()
     assert step_up < 0.75 * step_src
     # interior positions lie between their coarse neighbours: at most the coarse step away
-    assert (up[2:-2, 2:-2] - src.repeat_interleave(2, 0).repeat_interleave(2, 1)[2:-2, 2:-2]).abs().max() <= step_src
+    assert (
+        up[2:-2, 2:-2] - src.repeat_interleave(2, 0).repeat_interleave(2, 1)[2:-2, 2:-2]
+    ).abs().max() <= step_src
 
 
 def test_patch_embed_resize():
@@ -116,7 +118,9 @@ class Wrapped(nn.Module):
 
 def test_layer_decay_groups():
     model = Wrapped()
-    groups = param_groups_lrd(model, 0.05, 0.5, num_layers=2, no_weight_decay={"cls_token", "pos_embed"}, prefix="encoder.")
+    groups = param_groups_lrd(
+        model, 0.05, 0.5, num_layers=2, no_weight_decay={"cls_token", "pos_embed"}, prefix="encoder."
+    )
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
     assert scale["encoder.patch_embed.proj.weight"] == 0.5**3

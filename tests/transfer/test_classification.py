@@ -15,7 +15,9 @@ def toy_features(n, gen, dim=16, classes=4):
 def test_linear_probe_separates_toy_clusters():
     gen = torch.Generator().manual_seed(0)
     x, y = toy_features(600, gen)
-    head = train_linear_probe(x[:400], y[:400], 4, {"blr": 0.1, "batch_size": 64, "epochs": 20, "warmup_epochs": 2})
+    head = train_linear_probe(
+        x[:400], y[:400], 4, {"blr": 0.1, "batch_size": 64, "epochs": 20, "warmup_epochs": 2}
+    )
     acc = (head(x[400:]).argmax(1) == y[400:]).float().mean()
     assert acc > 0.95
     untrained = LinearProbe(16, 4).eval()

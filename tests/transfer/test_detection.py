@@ -72,14 +72,23 @@ def test_backbone_rel_pos_and_padding():
 def test_mask_rcnn_train_step_and_eval():
     torch.manual_seed(0)
     bb = ViTDetBackbone(build_encoder(TINY), out_channels=16, window_size=4)
-    cfg = dict(anchor_sizes=[8, 16, 32, 64, 128], fc_dim=32, head_channels=16, rpn_post_nms_top_n_train=50,
-               rpn_post_nms_top_n_test=20, box_batch_size_per_image=16, rpn_batch_size_per_image=32)
+    cfg = dict(
+        anchor_sizes=[8, 16, 32, 64, 128],
+        fc_dim=32,
+        head_channels=16,
+        rpn_post_nms_top_n_train=50,
+        rpn_post_nms_top_n_test=20,
+        box_batch_size_per_image=16,
+        rpn_batch_size_per_image=32,
+    )
     model = build_mask_rcnn(bb, num_classes=3, cfg=cfg)
     masks = torch.zeros(1, 48, 64, dtype=torch.uint8)
     masks[0, 10:30, 5:25] = 1
     target = {"boxes": torch.tensor([[5.0, 10.0, 25.0, 30.0]]), "labels": torch.tensor([2]), "masks": masks}
     losses = model([torch.rand(3, 48, 64)], [target])
-    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(
+        losses
+    )
     sum(losses.values()).backward()
     model.eval()
     with torch.no_grad():
@@ -111,10 +120,28 @@ def coco_fixture(lvis=False):
         images.append({"id": iid, "width": 50, "height": 40, "file_name": f"{iid}.jpg"})
     for aid, (iid, cat, m) in enumerate([(1, 1, m1), (1, 2, m2), (2, 2, m1)], start=1):
         x, y, w, h = mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m))).tolist()
-        anns.append({"id": aid, "image_id": iid, "category_id": cat, "bbox": [x, y, w, h], "area": float(m.sum()),
-                     "iscrowd": 0, "segmentation": _rle(m)})
-    anns.append({"id": 4, "image_id": 2, "category_id": 1, "bbox": [30.0, 5.0, 10.0, 10.0], "area": 100.0, "iscrowd": 0,
-                 "segmentation": [[30, 5, 40, 5, 40, 15, 30, 15]]})
+        anns.append(
+            {
+                "id": aid,
+                "image_id": iid,
+                "category_id": cat,
+                "bbox": [x, y, w, h],
+                "area": float(m.sum()),
+                "iscrowd": 0,
+                "segmentation": _rle(m),
+            }
+        )
+    anns.append(
+        {
+            "id": 4,
+            "image_id": 2,
+            "category_id": 1,
+            "bbox": [30.0, 5.0, 10.0, 10.0],
+            "area": 100.0,
+            "iscrowd": 0,
+            "segmentation": [[30, 5, 40, 5, 40, 15, 30, 15]],
+        }
+    )
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     gt = {"images": images, "annotations": anns, "categories": cats}
     if lvis:
@@ -132,8 +159,15 @@ def gt_as_results(gt):
         if isinstance(seg, list):
             seg = mask_utils.merge(mask_utils.frPyObjects(seg, 40, 50))
             seg["counts"] = seg["counts"].decode("ascii")
-        out.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
-                    "segmentation": seg})
+        out.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": a["bbox"],
+                "score": 1.0,
+                "segmentation": seg,
+            }
+        )
     return out
 
 
@@ -159,7 +193,12 @@ def test_lvis_ap_is_100_with_rare_category():
 def test_to_coco_results_roundtrip():
     masks = torch.zeros(1, 1, 40, 50)
     masks[0, 0, 5:20, 5:25] = 0.9
-    out = {"boxes": torch.tensor([[5.0, 5.0, 25.0, 20.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1]), "masks": masks}
+    out = {
+        "boxes": torch.tensor([[5.0, 5.0, 25.0, 20.0]]),
+        "scores": torch.tensor([0.8]),
+        "labels": torch.tensor([1]),
+        "masks": masks,
+    }
     res = to_coco_results([out], [7], {1: 42})
     assert res[0]["category_id"] == 42 and res[0]["bbox"] == [5.0, 5.0, 20.0, 15.0]
     assert mask_utils.area(res[0]["segmentation"]) == 15 * 20

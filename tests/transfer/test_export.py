@@ -24,8 +24,12 @@ def encoder_file(tmp_path):
 def timm_from(path, **extra):
     kwargs = json.loads(extra.pop("kwargs"))
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=True, num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(path), num_classes=0), **kwargs, **extra,
+        "vit_tiny_patch16_224",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=0),
+        **kwargs,
+        **extra,
     ).eval()
 
 

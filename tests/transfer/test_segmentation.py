@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from maelab.models.vit import build_encoder
-from maelab.transfer.segmentation import ViTUperNet, confusion_matrix, default_out_indices, miou_from_confusion, poly_lr
+from maelab.transfer.segmentation import (
+    ViTUperNet,
+    confusion_matrix,
+    default_out_indices,
+    miou_from_confusion,
+    poly_lr,
+)
 
 
 def test_confusion_matrix_and_miou_by_hand():

@@ -44,7 +44,9 @@ def pretrain_gmacs(name: str, encoder_ref: Any, params: dict[str, Any]) -> float
 
 def _metric(result: dict[str, Any], task: str, key: str) -> float | None:
     value = (result.get("tasks", {}).get(task) or {}).get(key)
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 3)
+    return (
+        None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 3)
+    )
 
 
 def build_rows(
@@ -107,7 +109,9 @@ def plot_vs_gmacs(rows: list[dict[str, Any]], columns: list[str]):
     return fig
 
 
-def log_to_mlflow(report: dict[str, Any], table_md: str, fig, results: dict[str, dict[str, Any]]) -> str | None:
+def log_to_mlflow(
+    report: dict[str, Any], table_md: str, fig, results: dict[str, dict[str, Any]]
+) -> str | None:
     """Log every number and the artifacts to one MLflow run (``report``); returns its run id."""
     import mlflow
 
@@ -124,13 +128,19 @@ def log_to_mlflow(report: dict[str, Any], table_md: str, fig, results: dict[str,
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="report") as run:
         for row in report["rows"]:
-            mlflow.log_metrics({f"{row['recipe']}.{k}": float(v) for k, v in row.items() if k != "recipe" and v is not None})
+            mlflow.log_metrics(
+                {f"{row['recipe']}.{k}": float(v) for k, v in row.items() if k != "recipe" and v is not None}
+            )
         mlflow.log_dict(report, "report/report.json")
         mlflow.log_text(table_md, "report/report.md")
         mlflow.log_figure(fig, "report/report_vs_gmacs.png")
         for name, result in results.items():
             mlflow.log_dict(result, f"report/transfer_{name}.json")
-            flat = {k: v for k, v in flatten(result.get("tasks", {})).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            flat = {
+                k: v
+                for k, v in flatten(result.get("tasks", {})).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in flat.items() if math.isfinite(float(v))})
         return run.info.run_id
 

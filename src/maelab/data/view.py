@@ -85,8 +85,9 @@ class View:
         t = t[None] if squeeze else t
         # nearest on int64 is exact for any label value (no float rounding above 2**24)
         crop = t[..., self.top : self.top + self.height, self.left : self.left + self.width]
-        rows = (torch.arange(self.size[0]) * self.height // self.size[0]).clamp_max(self.height - 1)
-        cols = (torch.arange(self.size[1]) * self.width // self.size[1]).clamp_max(self.width - 1)
+        # sample at output pixel centres, as bicubic with align_corners=False does: floor((i + 0.5) * in / out)
+        rows = ((2 * torch.arange(self.size[0]) + 1) * self.height // (2 * self.size[0])).clamp_max(self.height - 1)
+        cols = ((2 * torch.arange(self.size[1]) + 1) * self.width // (2 * self.size[1])).clamp_max(self.width - 1)
         out = crop[..., rows[:, None], cols[None, :]]
         out = out.flip(-1) if self.flip else out
         return out[0] if squeeze else out

@@ -1,4 +1,4 @@
-"""Load a pre-trained encoder for transfer: checkpoint file or MLflow URI -> ``ViTEncoder`` at the transfer size.
+"""Load a pre-trained encoder for transfer: a file or an MLflow URI -> ``ViTEncoder`` at the transfer size.
 
 Resolution changes follow ViTDet (Li et al. 2022, §4.1 / its released code): the absolute position
 embedding is bicubic-interpolated to the new grid; long-seq MAE (Hu et al. 2022, §4.1) does the same to
@@ -23,7 +23,16 @@ from maelab.models.vit import ViTEncoder, build_encoder
 
 log = logging.getLogger(__name__)
 
-ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
+ENCODER_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+)
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -72,7 +81,7 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
 def interpolate_pos_embed(
     pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None, num_prefix: int = 1
 ) -> Tensor:
-    """[1, P+h*w, D] -> [1, P+H*W, D]: bicubic on the patch part, prefix (CLS) slots kept (ViTDet / MAE fine-tune).
+    """[1, P+h*w, D] -> [1, P+H*W, D]: bicubic on the patch part, prefix (CLS) slots kept (ViTDet, MAE).
 
     Identity when the grid does not change. ``old_grid`` defaults to a square grid.
     """
@@ -106,8 +115,10 @@ def interpolate_patch_embed(weight: Tensor, new_patch: int, mode: str = "bicubic
     return out.to(weight.dtype)
 
 
-def adapt_state_dict(state: dict[str, Tensor], encoder: ViTEncoder, patch_mode: str = "bicubic") -> dict[str, Tensor]:
-    """Resize ``pos_embed`` and ``patch_embed.proj.weight`` of a checkpoint to ``encoder``'s grid and patch."""
+def adapt_state_dict(
+    state: dict[str, Tensor], encoder: ViTEncoder, patch_mode: str = "bicubic"
+) -> dict[str, Tensor]:
+    """Resize a checkpoint's ``pos_embed`` and ``patch_embed.proj.weight`` to ``encoder``'s grid and patch."""
     state = dict(state)
     if "pos_embed" in state:
         state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.grid, num_prefix=1)
@@ -124,7 +135,9 @@ def encoder_config(
     """The pre-training encoder config: the file's metadata if present, else ``default`` (parameters)."""
     cfg = dict(file_config) if file_config else dict(default)
     if not cfg:
-        raise ValueError(f"{path or 'random_init'}: no encoder_config in the file and no default encoder config")
+        raise ValueError(
+            f"{path or 'random_init'}: no encoder_config in the file and no default encoder config"
+        )
     return {k: v for k, v in cfg.items() if k in ENCODER_FIELDS}
 
 
@@ -154,7 +167,9 @@ def load_encoder(
         state = adapt_state_dict(state, encoder, patch_mode)
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: state dict does not match the encoder: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"{path}: state dict does not match the encoder: missing {missing}, unexpected {unexpected}"
+            )
     info = {"path": str(path) if path else None, "config": {**cfg, **overrides}, "recipe": meta.get("recipe")}
     return encoder, info
 

@@ -91,8 +91,10 @@ class LinearProbe(nn.Module):
 
 
 @torch.no_grad()
-def extract_features(encoder: ViTEncoder, loader: DataLoader, pool: str, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Frozen features [N, D] (``pool``: ``cls`` after the final norm, or ``mean`` of the patch tokens) and labels [N]."""
+def extract_features(
+    encoder: ViTEncoder, loader: DataLoader, pool: str, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Frozen features [N, D] (``pool``: ``cls`` after the norm, or ``mean`` of patch tokens), labels [N]."""
     if pool not in ("cls", "mean"):
         raise ValueError(f"transfer.tasks.linear_probe.pool: expected cls | mean, got {pool!r}")
     encoder.eval().to(device)
@@ -115,12 +117,25 @@ def train_linear_probe(
     wd = float(cfg.get("weight_decay", 0.0))
     weights = [p for p in head.parameters() if p.ndim > 1]
     others = [p for p in head.parameters() if p.ndim <= 1]
-    if cfg.get("optimizer", "lars") == "lars":  # MAE Tab. 10 and its LARS: trust ratio |w|/|g| (coeff 1), 1-D params exempt
+    if (
+        cfg.get("optimizer", "lars") == "lars"
+    ):  # MAE Tab. 10 and its LARS: trust ratio |w|/|g| (coeff 1), 1-D params exempt
         from timm.optim import Lars
 
-        opt = Lars([{"params": weights, "always_adapt": True}, {"params": others, "weight_decay": 0.0}], lr=lr, momentum=0.9, weight_decay=wd, trust_coeff=1.0)
+        opt = Lars(
+            [{"params": weights, "always_adapt": True}, {"params": others, "weight_decay": 0.0}],
+            lr=lr,
+            momentum=0.9,
+            weight_decay=wd,
+            trust_coeff=1.0,
+        )
     else:
-        opt = torch.optim.SGD([{"params": weights}, {"params": others, "weight_decay": 0.0}], lr=lr, momentum=0.9, weight_decay=wd)
+        opt = torch.optim.SGD(
+            [{"params": weights}, {"params": others, "weight_decay": 0.0}],
+            lr=lr,
+            momentum=0.9,
+            weight_decay=wd,
+        )
     steps_per_epoch = max(1, len(train_x) // batch)
     total = int(cfg.get("epochs", 90)) * steps_per_epoch
     sched = CosineSchedule(lr, total, int(cfg.get("warmup_epochs", 10)) * steps_per_epoch)
@@ -155,7 +170,9 @@ def class_count(rows: pd.DataFrame) -> int:
 def _loaders(manifest: pd.DataFrame, cfg: dict[str, Any], size: int, train_aug: bool, seed: int):
     data = cfg.get("data", {})
     sources = data.get("sources", ["scenes"])
-    train_rows = select(manifest, sources, data.get("train_split", "train"), "label", data.get("max_train_images"))
+    train_rows = select(
+        manifest, sources, data.get("train_split", "train"), "label", data.get("max_train_images")
+    )
     val_rows = select(manifest, sources, data.get("eval_split", "val"), "label", data.get("max_eval_images"))
     scale = tuple(cfg.get("crop_scale", (0.08, 1.0)))
     train_set = ClassificationSet(train_rows, size, train=train_aug, scale=scale, seed=seed)
@@ -174,14 +191,23 @@ def run_linear_probe(
     encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.get("patch_size"))
     train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=False, seed=seed)
     bs = int(cfg.get("extract_batch_size", 64))
-    train_x, train_y = extract_features(encoder, DataLoader(train_set, bs, num_workers=workers), cfg.get("pool", "cls"), device)
-    val_x, val_y = extract_features(encoder, DataLoader(val_set, bs, num_workers=workers), cfg.get("pool", "cls"), device)
+    train_x, train_y = extract_features(
+        encoder, DataLoader(train_set, bs, num_workers=workers), cfg.get("pool", "cls"), device
+    )
+    val_x, val_y = extract_features(
+        encoder, DataLoader(val_set, bs, num_workers=workers), cfg.get("pool", "cls"), device
+    )
     t_feat = time.perf_counter() - t0
     head = train_linear_probe(train_x, train_y, num_classes, cfg, seed)
     metrics = evaluate_logits(head(val_x), val_y)
     metrics.update(
-        num_classes=num_classes, train_images=len(train_set), val_images=len(val_set), pool=cfg.get("pool", "cls"),
-        feature_seconds=round(t_feat, 2), seconds=round(time.perf_counter() - t0, 2), encoder=info["path"],
+        num_classes=num_classes,
+        train_images=len(train_set),
+        val_images=len(val_set),
+        pool=cfg.get("pool", "cls"),
+        feature_seconds=round(t_feat, 2),
+        seconds=round(time.perf_counter() - t0, 2),
+        encoder=info["path"],
     )
     return metrics
 
@@ -198,33 +224,65 @@ def run_finetune(
     device = pick_device(cfg.get("device"))
     size = int(cfg.get("img_size", default_config.get("img_size", 224)))
     encoder, info = load_encoder(
-        encoder_ref, default_config, img_size=size, patch_size=cfg.get("patch_size"),
+        encoder_ref,
+        default_config,
+        img_size=size,
+        patch_size=cfg.get("patch_size"),
         drop_path_rate=float(cfg.get("drop_path", 0.1)),
     )
     train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=True, seed=seed)
-    model = FineTuneClassifier(encoder, num_classes, global_pool=bool(cfg.get("global_pool", True))).to(device)
+    model = FineTuneClassifier(encoder, num_classes, global_pool=bool(cfg.get("global_pool", True))).to(
+        device
+    )
 
     batch = min(int(cfg.get("batch_size", 64)), len(train_set))
     batch -= batch % 2  # mixup pairs samples within the batch
     lr = float(cfg["lr"]) if cfg.get("lr") is not None else float(cfg.get("blr", 5e-4)) * batch / 256
     groups = param_groups_lrd(
-        model, float(cfg.get("weight_decay", 0.05)), float(cfg.get("layer_decay", 0.75)), len(encoder.blocks),
-        no_weight_decay={"cls_token", "pos_embed"}, prefix="encoder.",
+        model,
+        float(cfg.get("weight_decay", 0.05)),
+        float(cfg.get("layer_decay", 0.75)),
+        len(encoder.blocks),
+        no_weight_decay={"cls_token", "pos_embed"},
+        prefix="encoder.",
     )
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))))
     steps_per_epoch = max(1, len(train_set) // batch)
     total = int(cfg["steps"]) if cfg.get("steps") else int(cfg.get("epochs", 100)) * steps_per_epoch
-    warmup = int(cfg["warmup_steps"]) if cfg.get("warmup_steps") is not None else int(cfg.get("warmup_epochs", 5)) * steps_per_epoch
+    warmup = (
+        int(cfg["warmup_steps"])
+        if cfg.get("warmup_steps") is not None
+        else int(cfg.get("warmup_epochs", 5)) * steps_per_epoch
+    )
     sched = CosineSchedule(lr, total, min(warmup, total), float(cfg.get("min_lr", 1e-6)))
 
     mix_on = float(cfg.get("mixup", 0.8)) > 0 or float(cfg.get("cutmix", 1.0)) > 0
     smoothing = float(cfg.get("smoothing", 0.1))
-    mixup = Mixup(mixup_alpha=float(cfg.get("mixup", 0.8)), cutmix_alpha=float(cfg.get("cutmix", 1.0)),
-                  label_smoothing=smoothing, num_classes=num_classes) if mix_on else None
-    criterion = SoftTargetCrossEntropy() if mixup else (LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
+    mixup = (
+        Mixup(
+            mixup_alpha=float(cfg.get("mixup", 0.8)),
+            cutmix_alpha=float(cfg.get("cutmix", 1.0)),
+            label_smoothing=smoothing,
+            num_classes=num_classes,
+        )
+        if mix_on
+        else None
+    )
+    criterion = (
+        SoftTargetCrossEntropy()
+        if mixup
+        else (LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
+    )
 
-    loader = DataLoader(train_set, batch, shuffle=True, drop_last=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+    loader = DataLoader(
+        train_set,
+        batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0,
+    )
     model.train()
     batches = forever(loader)
     for step in range(total):
@@ -252,7 +310,12 @@ def run_finetune(
             labels.append(y)
     metrics = evaluate_logits(torch.cat(logits), torch.cat(labels))
     metrics.update(
-        num_classes=num_classes, train_images=len(train_set), val_images=len(val_set), steps=total,
-        final_loss=round(float(loss.item()), 4), seconds=round(time.perf_counter() - t0, 2), encoder=info["path"],
+        num_classes=num_classes,
+        train_images=len(train_set),
+        val_images=len(val_set),
+        steps=total,
+        final_loss=round(float(loss.item()), 4),
+        seconds=round(time.perf_counter() - t0, 2),
+        encoder=info["path"],
     )
     return metrics

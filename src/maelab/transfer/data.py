@@ -30,7 +30,7 @@ IGNORE_INDEX = 255
 def select(
     manifest: pd.DataFrame, sources: list[str], split: str, need: str | None = None, limit: int | None = None
 ) -> pd.DataFrame:
-    """Rows of ``sources`` in ``split``; ``need`` names a column that must be non-null (label, mask_path, ann_id);
+    """Rows of ``sources`` in ``split``; ``need``: a column that must be non-null (label, mask_path, ann_id);
     ``limit`` keeps the first rows (a CPU budget; manifest order is deterministic)."""
     rows = manifest[manifest["source"].isin(list(sources)) & (manifest["split"] == split)]
     if need is not None:
@@ -38,7 +38,9 @@ def select(
     if rows.empty:
         have = sorted(set(zip(manifest["source"].astype(str), manifest["split"].astype(str), strict=True)))
         what = f" with a {need}" if need else ""
-        raise ValueError(f"manifest: no rows{what} for sources={list(sources)} split={split!r}; present: {have}")
+        raise ValueError(
+            f"manifest: no rows{what} for sources={list(sources)} split={split!r}; present: {have}"
+        )
     return (rows.iloc[: int(limit)] if limit else rows).reset_index(drop=True)
 
 
@@ -57,7 +59,14 @@ def normalize(img: Tensor) -> Tensor:
 class ClassificationSet(Dataset):
     """Image + label. Train: RandomResizedCrop(scale) + flip (MAE fine-tune); eval: resize + centre crop."""
 
-    def __init__(self, rows: pd.DataFrame, size: int, train: bool, scale: tuple[float, float] = (0.08, 1.0), seed: int = 0):
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        size: int,
+        train: bool,
+        scale: tuple[float, float] = (0.08, 1.0),
+        seed: int = 0,
+    ):
         self.rows, self.size, self.train, self.scale, self.seed = rows, int(size), train, tuple(scale), seed
         self.labels = torch.tensor(rows["label"].astype("int64").to_numpy())
         self.epoch = 0
@@ -77,7 +86,7 @@ class ClassificationSet(Dataset):
 
 
 class SegmentationSet(Dataset):
-    """Image + semantic mask (``mask_path`` PNG). ``reduce_zero_label``: 0 -> ignore, c -> c-1 (ADE20K in mmseg).
+    """Image + semantic mask (``mask_path`` PNG). ``reduce_zero_label``: 0 -> ignore, c -> c-1 (mmseg ADE20K).
 
     Train: random resized crop (``scale``) + flip, nearest on the mask. Eval: the image resized to
     ``size`` x ``size`` and the mask at its original resolution (logits are resized back, as mmseg's
@@ -162,7 +171,14 @@ class DetectionSet(Dataset):
         from pycocotools import mask as mask_utils
 
         self.mask_utils = mask_utils
-        self.rows, self.size, self.train, self.lsj, self.seed, self.epoch = rows, int(size), train, tuple(lsj), seed, 0
+        self.rows, self.size, self.train, self.lsj, self.seed, self.epoch = (
+            rows,
+            int(size),
+            train,
+            tuple(lsj),
+            seed,
+            0,
+        )
         self.to_label, _ = category_maps(coco)
         self.images = {int(im["id"]): im for im in coco["images"]}
         self.anns: dict[int, list[dict]] = {}
@@ -191,10 +207,24 @@ class DetectionSet(Dataset):
         return self.mask_utils.decode(rle)
 
     def target(self, image_id: int, h: int, w: int) -> dict[str, Tensor]:
-        anns = [a for a in self.anns.get(image_id, []) if not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        anns = [
+            a
+            for a in self.anns.get(image_id, [])
+            if not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1
+        ]
+        boxes = torch.tensor(
+            [
+                [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                for a in anns
+            ],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
         labels = torch.tensor([self.to_label[int(a["category_id"])] for a in anns], dtype=torch.int64)
-        masks = torch.from_numpy(np.stack([self.ann_mask(a, h, w) for a in anns])) if anns else torch.zeros(0, h, w, dtype=torch.uint8)
+        masks = (
+            torch.from_numpy(np.stack([self.ann_mask(a, h, w) for a in anns]))
+            if anns
+            else torch.zeros(0, h, w, dtype=torch.uint8)
+        )
         return {"boxes": boxes, "labels": labels, "masks": masks}
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -218,7 +248,9 @@ def large_scale_jitter(
     s = scale_range[0] + (scale_range[1] - scale_range[0]) * torch.rand((), generator=gen).item()
     r = size * s / max(h, w)
     nh, nw = max(1, round(h * r)), max(1, round(w * r))
-    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[
+        0
+    ].clamp(0, 1)
     masks = tgt["masks"]
     if masks.shape[0]:
         masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
@@ -244,5 +276,7 @@ def large_scale_jitter(
     return img, out
 
 
-def collate_detection(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+def collate_detection(
+    batch: list[tuple[Tensor, dict[str, Any]]],
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
     return [b[0] for b in batch], [b[1] for b in batch]

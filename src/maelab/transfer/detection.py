@@ -29,7 +29,15 @@ from torch.utils.data import DataLoader
 from maelab.models.vit import ViTEncoder
 from maelab.transfer.backbone import apply_lr, load_encoder, param_groups_lrd
 from maelab.transfer.classification import forever, pick_device
-from maelab.transfer.data import IMAGENET_MEAN, IMAGENET_STD, DetectionSet, category_maps, coco_json_path, collate_detection, select
+from maelab.transfer.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DetectionSet,
+    category_maps,
+    coco_json_path,
+    collate_detection,
+    select,
+)
 
 log = logging.getLogger(__name__)
 PYRAMID_STRIDES = (4, 8, 16, 32)
@@ -74,7 +82,9 @@ class SimpleFeaturePyramid(nn.Module):
     identity / max-pool (down), then 1x1 and 3x3 convs with LayerNorm to ``out_channels``; plus a
     stride-2 subsample of the coarsest level (``pool``, torchvision's LastLevelMaxPool)."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int, strides: tuple[int, ...] = PYRAMID_STRIDES):
+    def __init__(
+        self, dim: int, patch_size: int, out_channels: int, strides: tuple[int, ...] = PYRAMID_STRIDES
+    ):
         super().__init__()
         self.strides = tuple(strides)
         self.stages = nn.ModuleList()
@@ -132,7 +142,11 @@ class ViTDetBackbone(nn.Module):
         self.img_size, self.patch_size, self.grid = encoder.img_size, encoder.patch_size, encoder.grid
         depth, dim = len(encoder.blocks), encoder.embed_dim
         self.global_blocks = set(global_block_indices(depth) if global_blocks is None else global_blocks)
-        self.window_size, self.use_rel_pos, self.grad_checkpoint = int(window_size), use_rel_pos, grad_checkpoint
+        self.window_size, self.use_rel_pos, self.grad_checkpoint = (
+            int(window_size),
+            use_rel_pos,
+            grad_checkpoint,
+        )
         self.rel_pos_h, self.rel_pos_w = nn.ParameterList(), nn.ParameterList()
         if use_rel_pos:  # zero-initialised (ViTDet rel_pos_zero_init), one table per block and axis
             head_dim = dim // encoder.blocks[0].attn.num_heads
@@ -168,9 +182,13 @@ class ViTDetBackbone(nn.Module):
         """[B, 3, H, W] (H, W <= img_size) -> pyramid maps."""
         th, tw = self.img_size
         if images.shape[-2] > th or images.shape[-1] > tw:
-            raise ValueError(f"detection: batch {tuple(images.shape[-2:])} larger than backbone img_size {self.img_size}")
+            raise ValueError(
+                f"detection: batch {tuple(images.shape[-2:])} larger than backbone img_size {self.img_size}"
+            )
         images = F.pad(images, (0, tw - images.shape[-1], 0, th - images.shape[-2]))
-        x = self.encoder.patch_embed(images) + self.encoder.pos_embed[:, 1:]  # [B, L, D], CLS dropped (ViTDet)
+        x = (
+            self.encoder.patch_embed(images) + self.encoder.pos_embed[:, 1:]
+        )  # [B, L, D], CLS dropped (ViTDet)
         x = x.view(x.shape[0], *self.grid, -1)  # [B, h, w, D]
         for i in range(len(self.encoder.blocks)):
             if self.grad_checkpoint and self.training:
@@ -208,7 +226,9 @@ def build_mask_rcnn(backbone: ViTDetBackbone, num_classes: int, cfg: dict[str, A
     c = backbone.out_channels
     size = int(backbone.img_size[0])
     head_dim, fc_dim = int(cfg.get("head_channels", c)), int(cfg.get("fc_dim", 1024))
-    anchors = AnchorGenerator(tuple((int(s),) for s in cfg.get("anchor_sizes", (32, 64, 128, 256, 512))), ((0.5, 1.0, 2.0),) * 5)
+    anchors = AnchorGenerator(
+        tuple((int(s),) for s in cfg.get("anchor_sizes", (32, 64, 128, 256, 512))), ((0.5, 1.0, 2.0),) * 5
+    )
     names = [str(i) for i in range(len(PYRAMID_STRIDES))]
     model = MaskRCNN(
         backbone,
@@ -234,7 +254,9 @@ def build_mask_rcnn(backbone: ViTDetBackbone, num_classes: int, cfg: dict[str, A
         mask_head=MaskRCNNHeads(c, [head_dim] * 4, 1, norm_layer=LayerNorm2d),
         mask_predictor=MaskRCNNPredictor(head_dim, head_dim, num_classes + 1),
     )
-    model.transform = _lsj_transform_cls()(size, size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32)
+    model.transform = _lsj_transform_cls()(
+        size, size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32
+    )
     return model
 
 
@@ -246,7 +268,9 @@ def step_lr(step: int, base: float, total: int, warmup: int, milestones: tuple[f
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def to_coco_results(outputs: list[dict[str, Tensor]], image_ids: list[int], label_to_cat: dict[int, int]) -> list[dict]:
+def to_coco_results(
+    outputs: list[dict[str, Tensor]], image_ids: list[int], label_to_cat: dict[int, int]
+) -> list[dict]:
     """Mask R-CNN outputs -> COCO result dicts (bbox xywh, RLE segmentation at the original image size)."""
     from pycocotools import mask as mask_utils
 
@@ -254,7 +278,9 @@ def to_coco_results(outputs: list[dict[str, Tensor]], image_ids: list[int], labe
     for out, image_id in zip(outputs, image_ids, strict=True):
         boxes = out["boxes"].tolist()
         masks = (out["masks"][:, 0] > 0.5).numpy().astype(np.uint8) if "masks" in out else None
-        for k, (box, score, label) in enumerate(zip(boxes, out["scores"].tolist(), out["labels"].tolist(), strict=True)):
+        for k, (box, score, label) in enumerate(
+            zip(boxes, out["scores"].tolist(), out["labels"].tolist(), strict=True)
+        ):
             res = {
                 "image_id": int(image_id),
                 "category_id": int(label_to_cat[int(label)]),
@@ -269,7 +295,9 @@ def to_coco_results(outputs: list[dict[str, Tensor]], image_ids: list[int], labe
     return results
 
 
-def coco_evaluate(gt: dict, results: list[dict], image_ids: list[int] | None = None, iou_types=("bbox", "segm")) -> dict[str, float]:
+def coco_evaluate(
+    gt: dict, results: list[dict], image_ids: list[int] | None = None, iou_types=("bbox", "segm")
+) -> dict[str, float]:
     """COCO AP / AP50 / AP75 (percent) per IoU type via pycocotools: ``box_ap``, ``mask_ap50``, ..."""
     import contextlib
     import io
@@ -308,15 +336,17 @@ def lvis_evaluate(gt: dict | str | Path, results: list[dict], iou_types=("bbox",
     # lvis 0.5.3 still calls np.float (removed in NumPy 1.24): alias it for the duration of the call
     shim = not hasattr(np, "float")
     if shim:
-        np.float = float  # type: ignore[attr-defined]
+        setattr(np, "float", float)  # noqa: B010
     try:
         return _lvis_evaluate(gt, results, iou_types, names)
     finally:
         if shim:
-            del np.float
+            delattr(np, "float")
 
 
-def _lvis_evaluate(gt: dict | str | Path, results: list[dict], iou_types, names: dict[str, str]) -> dict[str, float]:
+def _lvis_evaluate(
+    gt: dict | str | Path, results: list[dict], iou_types, names: dict[str, str]
+) -> dict[str, float]:
     from lvis import LVIS, LVISEval, LVISResults
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,7 +365,14 @@ def _lvis_evaluate(gt: dict | str | Path, results: list[dict], iou_types, names:
             ev = LVISEval(lvis_gt, LVISResults(lvis_gt, copy.deepcopy(dts)), iou_type)
             ev.run()
             res = ev.get_results()
-            for k, name in (("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75"), ("APr", "apr"), ("APc", "apc"), ("APf", "apf")):
+            for k, name in (
+                ("AP", "ap"),
+                ("AP50", "ap50"),
+                ("AP75", "ap75"),
+                ("APr", "apr"),
+                ("APc", "apc"),
+                ("APf", "apf"),
+            ):
                 metrics[f"{prefix}_{name}"] = max(0.0, float(res[k])) * 100
     return metrics
 
@@ -355,7 +392,9 @@ def run_detection(
     train_split, eval_split = data.get("train_split", "train"), data.get("eval_split", "val")
     lvis = data.get("evaluator", "coco") == "lvis"
     json_root = data.get("json_root", "data/03_primary")
-    train_json = load_instances(data.get("train_json") or coco_json_path(source, train_split, json_root), lvis=lvis)
+    train_json = load_instances(
+        data.get("train_json") or coco_json_path(source, train_split, json_root), lvis=lvis
+    )
     eval_path = data.get("eval_json") or coco_json_path(source, eval_split, json_root)
     eval_json = load_instances(eval_path, lvis=lvis)
     _, label_to_cat = category_maps(train_json)
@@ -363,30 +402,55 @@ def run_detection(
 
     size = int(cfg.get("img_size", 1024))
     if size % 32:
-        raise ValueError(f"transfer.tasks.detection.img_size: {size} must be a multiple of 32 (Mask R-CNN batching)")
-    encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.get("patch_size"),
-                                 drop_path_rate=float(cfg.get("drop_path", 0.1)))
+        raise ValueError(
+            f"transfer.tasks.detection.img_size: {size} must be a multiple of 32 (Mask R-CNN batching)"
+        )
+    encoder, info = load_encoder(
+        encoder_ref,
+        default_config,
+        img_size=size,
+        patch_size=cfg.get("patch_size"),
+        drop_path_rate=float(cfg.get("drop_path", 0.1)),
+    )
     backbone = ViTDetBackbone(
-        encoder, int(cfg.get("out_channels", 256)), int(cfg.get("window_size", 14)), cfg.get("global_blocks"),
-        bool(cfg.get("use_rel_pos", False)), bool(cfg.get("grad_checkpoint", False)),
+        encoder,
+        int(cfg.get("out_channels", 256)),
+        int(cfg.get("window_size", 14)),
+        cfg.get("global_blocks"),
+        bool(cfg.get("use_rel_pos", False)),
+        bool(cfg.get("grad_checkpoint", False)),
     )
     model = build_mask_rcnn(backbone, num_classes, cfg).to(device)
 
     train_rows = select(manifest, [source], train_split, "ann_id", data.get("max_train_images"))
     eval_rows = select(manifest, [source], eval_split, "ann_id", data.get("max_eval_images"))
-    train_set = DetectionSet(train_rows, train_json, size, True, tuple(cfg.get("lsj", (0.1, 2.0))), seed, "train json")
+    train_set = DetectionSet(
+        train_rows, train_json, size, True, tuple(cfg.get("lsj", (0.1, 2.0))), seed, "train json"
+    )
     eval_set = DetectionSet(eval_rows, eval_json, size, False, source_name=str(eval_path))
     workers = int(cfg.get("num_workers", 0))
     batch = min(int(cfg.get("batch_size", 64)), len(train_set))
-    loader = DataLoader(train_set, batch, shuffle=True, drop_last=True, collate_fn=collate_detection, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+    loader = DataLoader(
+        train_set,
+        batch,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_detection,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0,
+    )
     steps_per_epoch = max(1, len(train_set) // batch)
     total = int(cfg["steps"]) if cfg.get("steps") else int(cfg.get("epochs", 100)) * steps_per_epoch
     warmup = min(total, int(cfg.get("warmup_steps", 250)))
     lr = float(cfg.get("lr", 1e-4))
     groups = param_groups_lrd(
-        model, float(cfg.get("weight_decay", 0.1)), float(cfg.get("layer_decay", 0.7)), len(encoder.blocks),
-        no_weight_decay={"cls_token", "pos_embed"}, prefix="backbone.encoder.",
+        model,
+        float(cfg.get("weight_decay", 0.1)),
+        float(cfg.get("layer_decay", 0.7)),
+        len(encoder.blocks),
+        no_weight_decay={"cls_token", "pos_embed"},
+        prefix="backbone.encoder.",
     )
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     milestones = tuple(cfg.get("lr_milestones", (0.9, 0.95)))
@@ -401,7 +465,9 @@ def run_detection(
         losses = model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"detection: loss is {loss.item()} at step {step} ({ {k: v.item() for k, v in losses.items()} })")
+            raise FloatingPointError(
+                f"detection: loss {loss.item()} at step {step}: { {k: v.item() for k, v in losses.items()} }"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -412,16 +478,24 @@ def run_detection(
     model.eval()
     results, image_ids = [], []
     with torch.no_grad():
-        for images, targets in DataLoader(eval_set, int(cfg.get("eval_batch_size", 4)), collate_fn=collate_detection, num_workers=workers):
+        for images, targets in DataLoader(
+            eval_set, int(cfg.get("eval_batch_size", 4)), collate_fn=collate_detection, num_workers=workers
+        ):
             outs = model([im.to(device) for im in images])
             ids = [int(t["image_id"]) for t in targets]
             results += to_coco_results([{k: v.cpu() for k, v in o.items()} for o in outs], ids, label_to_cat)
             image_ids += ids
     metrics = lvis_evaluate(eval_json, results) if lvis else coco_evaluate(eval_json, results, image_ids)
     metrics.update(
-        evaluator="lvis" if lvis else "coco", num_classes=num_classes, train_images=len(train_set),
-        eval_images=len(eval_set), steps=total, detections=len(results),
+        evaluator="lvis" if lvis else "coco",
+        num_classes=num_classes,
+        train_images=len(train_set),
+        eval_images=len(eval_set),
+        steps=total,
+        detections=len(results),
         final_loss=round(float(sum(v.item() for v in losses.values())), 4) if losses else None,
-        train_seconds=round(t_train, 2), seconds=round(time.perf_counter() - t0, 2), encoder=info["path"],
+        train_seconds=round(t_train, 2),
+        seconds=round(time.perf_counter() - t0, 2),
+        encoder=info["path"],
     )
     return metrics

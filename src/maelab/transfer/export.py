@@ -56,7 +56,11 @@ def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def to_detectron2(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """ViTDet's ``backbone.net.*`` names; the CLS token and the final norm have no counterpart."""
-    return {DETECTRON2_PREFIX + k: v.contiguous() for k, v in to_timm(state).items() if k != "cls_token" and not k.startswith("norm.")}
+    return {
+        DETECTRON2_PREFIX + k: v.contiguous()
+        for k, v in to_timm(state).items()
+        if k != "cls_token" and not k.startswith("norm.")
+    }
 
 
 def _atomic(path: Path, write) -> None:
@@ -66,7 +70,9 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def export_encoder(encoder: str | Path, fmt: str, out: str | Path, default_config: dict[str, Any] | None = None) -> Path:
+def export_encoder(
+    encoder: str | Path, fmt: str, out: str | Path, default_config: dict[str, Any] | None = None
+) -> Path:
     """Write ``encoder`` (path or MLflow URI) as ``fmt`` (``timm`` -> safetensors, ``detectron2`` -> .pth or
     .safetensors by the suffix of ``out``). Returns ``out``."""
     path = resolve_encoder_path(encoder)
@@ -79,7 +85,12 @@ def export_encoder(encoder: str | Path, fmt: str, out: str | Path, default_confi
         config = default_config
     config = {k: v for k, v in config.items() if k in ENCODER_FIELDS}
     out = Path(out)
-    info = {"format": fmt, "source": str(path), "encoder_config": json.dumps(config), "recipe": meta.get("recipe", "")}
+    info = {
+        "format": fmt,
+        "source": str(path),
+        "encoder_config": json.dumps(config),
+        "recipe": meta.get("recipe", ""),
+    }
     if fmt == "timm":
         info["timm_kwargs"] = json.dumps(timm_kwargs(config))
         _atomic(out, lambda p: save_file(to_timm(state), str(p), metadata=info))
@@ -87,7 +98,7 @@ def export_encoder(encoder: str | Path, fmt: str, out: str | Path, default_confi
         weights = to_detectron2(state)
         if out.suffix == ".safetensors":
             _atomic(out, lambda p: save_file(weights, str(p), metadata=info))
-        else:  # detectron2's checkpointer reads .pth with torch.load; tensors and strings only (weights_only-safe)
+        else:  # detectron2 reads .pth with torch.load; tensors and strings only (weights_only-safe)
             _atomic(out, lambda p: torch.save({"model": weights, "__author__": "maelab", **info}, p))
     else:
         raise ValueError(f"export: --format must be timm or detectron2, got {fmt!r}")
@@ -100,7 +111,9 @@ def cli(args: argparse.Namespace) -> int:
     try:
         from maelab.config import load_config
 
-        default = load_config("parameters", getattr(args, "env", None)).get("recipe_defaults", {}).get("encoder")
+        default = (
+            load_config("parameters", getattr(args, "env", None)).get("recipe_defaults", {}).get("encoder")
+        )
     except Exception:  # no project config: the file's metadata must carry the config
         default = None
     out = export_encoder(args.encoder, args.format, args.out, default)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def default_out_indices(depth: int) -> list[int]:
-    """BEiT/MAE read-out blocks: 3, 5, 7, 11 for depth 12, else four evenly spaced blocks ending at the last."""
+    """BEiT/MAE read-out blocks: 3, 5, 7, 11 for depth 12, else four evenly spaced ones ending at the last."""
     if depth == 12:
         return [3, 5, 7, 11]
     return [max(0, (i + 1) * depth // 4 - 1) for i in range(4)]  # depth < 4 repeats blocks
@@ -42,7 +42,10 @@ class MultiLevelNeck(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.up4 = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, stride=2)
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
         )
         self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
         self.down2 = nn.MaxPool2d(2, 2)
@@ -52,7 +55,7 @@ class MultiLevelNeck(nn.Module):
 
 
 class ViTUperNet(nn.Module):
-    """Encoder -> four block outputs -> :class:`MultiLevelNeck` -> smp ``UPerNetDecoder`` -> 1x1 classifier."""
+    """Encoder -> 4 block outputs -> :class:`MultiLevelNeck` -> smp ``UPerNetDecoder`` -> 1x1 classifier."""
 
     def __init__(
         self,
@@ -72,7 +75,9 @@ class ViTUperNet(nn.Module):
         dim = encoder.embed_dim
         self.neck = MultiLevelNeck(dim)
         # smp counts features from stride 1: [1, 1/2, 1/4, 1/8, 1/16, 1/32]; the first two are skipped
-        self.decoder = UPerNetDecoder(encoder_channels=[0, 0, dim, dim, dim, dim], encoder_depth=5, decoder_channels=decoder_channels)
+        self.decoder = UPerNetDecoder(
+            encoder_channels=[0, 0, dim, dim, dim, dim], encoder_depth=5, decoder_channels=decoder_channels
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
 
@@ -88,12 +93,16 @@ class ViTUperNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ metric
-def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+def confusion_matrix(
+    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """[K, K] counts, rows = ground truth, columns = prediction; ``ignore_index`` pixels dropped."""
     valid = target != ignore_index
     t, p = target[valid].long(), pred[valid].long()
     if t.numel() and (int(t.max()) >= num_classes or int(t.min()) < 0):
-        raise ValueError(f"segmentation: label {int(t.max())} outside [0, {num_classes}) (num_classes too small?)")
+        raise ValueError(
+            f"segmentation: label {int(t.max())} outside [0, {num_classes}) (num_classes too small?)"
+        )
     return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -104,11 +113,16 @@ def miou_from_confusion(cm: Tensor) -> dict[str, Any]:
     union = cm.sum(0) + cm.sum(1) - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
     acc = float(tp.sum() / cm.sum().clamp_min(1))
-    return {"miou": 100.0 * float(np.nanmean(iou.numpy())) if bool((union > 0).any()) else 0.0, "pixel_acc": 100.0 * acc,
-            "iou": [None if np.isnan(v) else round(100.0 * v, 3) for v in iou.tolist()]}
+    return {
+        "miou": 100.0 * float(np.nanmean(iou.numpy())) if bool((union > 0).any()) else 0.0,
+        "pixel_acc": 100.0 * acc,
+        "iou": [None if np.isnan(v) else round(100.0 * v, 3) for v in iou.tolist()],
+    }
 
 
-def poly_lr(step: int, base: float, total: int, warmup: int, power: float = 1.0, min_lr: float = 0.0) -> float:
+def poly_lr(
+    step: int, base: float, total: int, warmup: int, power: float = 1.0, min_lr: float = 0.0
+) -> float:
     """mmseg's MAE/BEiT schedule: linear warm-up (from 1e-6 x), then polynomial decay to ``min_lr``."""
     if step < warmup:
         return base * (1e-6 + (1 - 1e-6) * step / warmup)
@@ -125,15 +139,25 @@ def resolve_num_classes(data: dict[str, Any]) -> int:
     from maelab.data.cocojson import read_json
     from maelab.transfer.data import coco_json_path
 
-    path = coco_json_path(data.get("sources", ["scenes"])[0], data.get("train_split", "train"), data.get("json_root", "data/03_primary"))
+    path = coco_json_path(
+        data.get("sources", ["scenes"])[0],
+        data.get("train_split", "train"),
+        data.get("json_root", "data/03_primary"),
+    )
     cats = read_json(path).get("categories")
     if not cats:
-        raise ValueError(f"{path}: field categories is empty; set transfer.tasks.segmentation.data.num_classes")
+        raise ValueError(
+            f"{path}: field categories is empty; set transfer.tasks.segmentation.data.num_classes"
+        )
     return len(cats) + (0 if data.get("reduce_zero_label") else 1)
 
 
 def _train_eval_once(
-    manifest: pd.DataFrame, encoder_ref: str | None, default_config: dict[str, Any], cfg: dict[str, Any], seed: int
+    manifest: pd.DataFrame,
+    encoder_ref: str | None,
+    default_config: dict[str, Any],
+    cfg: dict[str, Any],
+    seed: int,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     device = pick_device(cfg.get("device"))
@@ -141,25 +165,49 @@ def _train_eval_once(
     sources = data.get("sources", ["scenes"])
     size = int(cfg.get("img_size", 512))
     reduce_zero = bool(data.get("reduce_zero_label", False))
-    train_rows = select(manifest, sources, data.get("train_split", "train"), "mask_path", data.get("max_train_images"))
-    eval_rows = select(manifest, sources, data.get("eval_split", "val"), "mask_path", data.get("max_eval_images"))
+    train_rows = select(
+        manifest, sources, data.get("train_split", "train"), "mask_path", data.get("max_train_images")
+    )
+    eval_rows = select(
+        manifest, sources, data.get("eval_split", "val"), "mask_path", data.get("max_eval_images")
+    )
     num_classes = resolve_num_classes(data)
-    train_set = SegmentationSet(train_rows, size, True, tuple(cfg.get("crop_scale", (0.5, 1.0))), reduce_zero, seed)
+    train_set = SegmentationSet(
+        train_rows, size, True, tuple(cfg.get("crop_scale", (0.5, 1.0))), reduce_zero, seed
+    )
     eval_set = SegmentationSet(eval_rows, size, False, reduce_zero_label=reduce_zero)
 
-    encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.get("patch_size"),
-                                 drop_path_rate=float(cfg.get("drop_path", 0.1)))
-    model = ViTUperNet(encoder, num_classes, cfg.get("out_indices"), int(cfg.get("decoder_channels", 512))).to(device)
+    encoder, info = load_encoder(
+        encoder_ref,
+        default_config,
+        img_size=size,
+        patch_size=cfg.get("patch_size"),
+        drop_path_rate=float(cfg.get("drop_path", 0.1)),
+    )
+    model = ViTUperNet(
+        encoder, num_classes, cfg.get("out_indices"), int(cfg.get("decoder_channels", 512))
+    ).to(device)
     groups = param_groups_lrd(
-        model, float(cfg.get("weight_decay", 0.05)), float(cfg.get("layer_decay", 0.65)), len(encoder.blocks),
-        no_weight_decay={"cls_token", "pos_embed"}, prefix="encoder.",
+        model,
+        float(cfg.get("weight_decay", 0.05)),
+        float(cfg.get("layer_decay", 0.65)),
+        len(encoder.blocks),
+        no_weight_decay={"cls_token", "pos_embed"},
+        prefix="encoder.",
     )
     lr = float(cfg.get("lr", 1e-4))
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     workers = int(cfg.get("num_workers", 0))
     batch = min(int(cfg.get("batch_size", 16)), len(train_set))
-    loader = DataLoader(train_set, batch, shuffle=True, drop_last=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+    loader = DataLoader(
+        train_set,
+        batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0,
+    )
     total = int(cfg.get("steps", 160_000))
     warmup = min(total, int(cfg.get("warmup_steps", 1500)))
 
@@ -182,14 +230,25 @@ def _train_eval_once(
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():
-        for x, masks in DataLoader(eval_set, int(cfg.get("eval_batch_size", 8)), collate_fn=collate_eval, num_workers=workers):
+        for x, masks in DataLoader(
+            eval_set, int(cfg.get("eval_batch_size", 8)), collate_fn=collate_eval, num_workers=workers
+        ):
             logits = model(x.to(device)).float().cpu()
             for lg, m in zip(logits, masks, strict=True):  # logits back to the mask's own size
-                pred = F.interpolate(lg[None], size=m.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+                pred = F.interpolate(lg[None], size=m.shape, mode="bilinear", align_corners=False)[0].argmax(
+                    0
+                )
                 cm += confusion_matrix(pred, m, num_classes)
     out = miou_from_confusion(cm)
-    out.update(seed=seed, steps=total, final_loss=round(float(loss.item()), 4), train_seconds=round(t_train, 2),
-               train_images=len(train_set), eval_images=len(eval_set), encoder=info["path"])
+    out.update(
+        seed=seed,
+        steps=total,
+        final_loss=round(float(loss.item()), 4),
+        train_seconds=round(t_train, 2),
+        train_images=len(train_set),
+        eval_images=len(eval_set),
+        encoder=info["path"],
+    )
     return out
 
 

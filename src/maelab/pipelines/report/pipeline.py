@@ -1,4 +1,4 @@
-"""``report``: consumes ``transfer_<encoder>_metrics`` for every encoder (same list as the transfer pipeline)."""
+"""``report``: consumes ``transfer_<encoder>_metrics`` for every encoder (the transfer pipeline's list)."""
 
 from __future__ import annotations
 
