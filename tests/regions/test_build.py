@@ -146,6 +146,17 @@ SLOW_BUILD = textwrap.dedent(
 )
 
 
+def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process group {pgid} still alive {timeout} s after SIGKILL")
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, toy_manifest):
     want = reference(tmp_path, toy_manifest, shard_size=1)
     store_dir = tmp_path / "store" / "fh"
@@ -165,6 +176,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, toy_manifest
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the parent and its pool workers, mid-write or not
         proc.wait()
+        _wait_group_gone(proc.pid)  # orphaned workers die asynchronously and hold the store lock until then
     done = len(SourceStore(store_dir))
     assert 1 <= done < len(toy_manifest)
     rep = build_source(
