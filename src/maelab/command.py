@@ -13,6 +13,9 @@ HANDLERS = {
     "bench train": "maelab.analysis.bench:train_cli",
     "bench regions": "maelab.regions.bench:cli",
     "registry": "maelab.registry:cli",
+    "export": "maelab.transfer.export:cli",
+    "segment": "maelab.analysis.interactive:cli",
+    "segment-eval": "maelab.analysis.interactive:eval_cli",
 }
 
 
@@ -58,6 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("alias")
+
+    export = sub.add_parser("export", help="write an encoder in timm's or detectron2 ViTDet's key layout")
+    export.add_argument("--encoder", required=True, help="safetensors path, models:/NAME@ALIAS or runs:/...")
+    export.add_argument("--format", choices=["timm", "detectron2"], default="timm")
+    export.add_argument("--out", required=True)
+    export.add_argument("--env", default=None)
+
+    seg = sub.add_parser("segment", help="interactive segmentation with a pre-trained R-MAE (paper §4.2)")
+    seg.add_argument("--recipe", required=True)
+    seg.add_argument("--env", default=None)
+    seg.add_argument("--checkpoint", required=True)
+    seg.add_argument("--image", required=True)
+    seg.add_argument("--patches", required=True, help="prompt patch indices, raster order: i,j,...")
+    seg.add_argument("--negative", default="", help="background patch indices")
+    seg.add_argument("--image-visible", choices=["all", "prompt"], default="all")
+    seg.add_argument("--out", required=True, help="PNG of the predicted region")
+
+    ev = sub.add_parser("segment-eval", help="interactive-segmentation IoU against the prompt-union baseline")
+    ev.add_argument("--recipe", required=True)
+    ev.add_argument("--env", default=None)
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--annotations", default="data/03_primary/instances_scenes_val.json")
+    ev.add_argument("--root", default="data/01_raw/scenes")
+    ev.add_argument("--kind", choices=["clicks", "reveal"], default="clicks")
+    ev.add_argument("--amount", type=float, default=2)
+    ev.add_argument("--image-visible", choices=["all", "prompt"], default="all")
+    ev.add_argument("--limit", type=int, default=100)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true")
     return parser
 
 
