@@ -241,7 +241,8 @@ def train(
         rngs = state["rng"]
         set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
 
-    tracker = Tracker(mlflow if mlflow is not None else mlflow_settings(env), enabled=dist.is_main)
+    settings = (mlflow if mlflow is not None else mlflow_settings(env)) if dist.is_main else None
+    tracker = Tracker(settings, enabled=dist.is_main)
     run_id = tracker.start(name, recipe, run_id=run_id)
     if dist.is_main:
         log.info(

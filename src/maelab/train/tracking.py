@@ -46,7 +46,13 @@ def resolve_uri(uri: str, root: Path) -> str:
 def mlflow_settings(env: str | None = None, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Tracking settings: ``cfg`` (or ``conf/<env>/mlflow.yml``), then ``$MLFLOW_TRACKING_URI``."""
     root = project_root()
-    cfg = dict(cfg if cfg is not None else load_config("mlflow", env))
+    if cfg is None:
+        try:
+            cfg = load_config("mlflow", env)
+        except Exception as exc:  # a missing conf folder must not stop training
+            warnings.warn(f"MLflow config for env {env!r} unreadable ({exc}); using defaults", stacklevel=2)
+            cfg = {}
+    cfg = dict(cfg)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.get("tracking_uri") or "sqlite:///mlruns/mlflow.db"
     artifacts = cfg.get("artifact_location") or "mlruns/artifacts"
     art_path = Path(artifacts) if "://" not in artifacts else None

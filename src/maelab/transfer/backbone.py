@@ -220,6 +220,16 @@ def param_groups_lrd(
     return [groups[k] for k in sorted(groups)]
 
 
+def adamw(
+    groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA; the foreach path is ~5x slower on CPU here)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=False)
+
+
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
 from maelab.train.schedule import CosineSchedule
-from maelab.transfer.backbone import apply_lr, load_encoder, param_groups_lrd
+from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd
 from maelab.transfer.data import ClassificationSet, select
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def run_finetune(
         no_weight_decay={"cls_token", "pos_embed"},
         prefix="encoder.",
     )
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    opt = adamw(groups, lr, tuple(cfg.get("betas", (0.9, 0.999))))
     steps_per_epoch = max(1, len(train_set) // batch)
     total = int(cfg["steps"]) if cfg.get("steps") else int(cfg.get("epochs", 100)) * steps_per_epoch
     warmup = (

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
-from maelab.transfer.backbone import apply_lr, load_encoder, param_groups_lrd
+from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd
 from maelab.transfer.classification import forever, pick_device
 from maelab.transfer.data import (
     IMAGENET_MEAN,
@@ -452,7 +452,7 @@ def run_detection(
         no_weight_decay={"cls_token", "pos_embed"},
         prefix="backbone.encoder.",
     )
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    opt = adamw(groups, lr, (0.9, 0.999))
     milestones = tuple(cfg.get("lr_milestones", (0.9, 0.95)))
 
     model.train()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
-from maelab.transfer.backbone import apply_lr, load_encoder, param_groups_lrd
+from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd
 from maelab.transfer.classification import forever, pick_device
 from maelab.transfer.data import IGNORE_INDEX, SegmentationSet, collate_eval, select
 
@@ -196,7 +196,7 @@ def _train_eval_once(
         prefix="encoder.",
     )
     lr = float(cfg.get("lr", 1e-4))
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    opt = adamw(groups, lr, (0.9, 0.999))
     workers = int(cfg.get("num_workers", 0))
     batch = min(int(cfg.get("batch_size", 16)), len(train_set))
     loader = DataLoader(
