@@ -1,9 +1,9 @@
-"""Project pipelines: every folder under ``maelab/pipelines`` with a ``create_pipeline``,
-plus ``pretrain_<recipe>`` for each pre-training recipe."""
+"""Project pipelines, registered explicitly (``find_pipelines`` in Kedro 1.7 filters by the requested
+name and cannot see ``pretrain_<recipe>``)."""
 
-from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
+from maelab.pipelines import ingest, pretrain, regions, report, transfer
 from maelab.pipelines.pretrain.pipeline import pretrain_pipeline
 
 # recipes with their own `kedro run --pipeline=pretrain_<name>` (each is defined in parameters_pretrain.yml)
@@ -11,8 +11,14 @@ RECIPES = ("mae", "rae", "rmae")
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    pipelines = find_pipelines(raise_errors=True)
+    pipelines = {
+        "ingest": ingest.create_pipeline(),
+        "regions": regions.create_pipeline(),
+        "pretrain": pretrain.create_pipeline(),
+        "transfer": transfer.create_pipeline(),
+        "report": report.create_pipeline(),
+    }
     for recipe in RECIPES:
         pipelines[f"pretrain_{recipe}"] = pretrain_pipeline(recipe)
-    pipelines["__default__"] = pipelines.get("ingest", Pipeline([]))
+    pipelines["__default__"] = pipelines["ingest"]
     return pipelines

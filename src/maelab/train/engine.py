@@ -286,15 +286,15 @@ def train(
         D.barrier()
 
     def log_grid(batch: dict[str, Any], outputs: Any, step_done: int) -> None:
-        plan = getattr(outputs, "plan", None) or batch.get("plan")
-        if not (dist.is_main and tracker.enabled and hasattr(raw, "reconstruct") and plan is not None):
+        """Every head's picture (pixel reconstruction grid, region maps, ...) to the tracker."""
+        if not (dist.is_main and tracker.enabled and hasattr(raw, "pictures")):
             return
-        from maelab.analysis.viz import png_bytes, reconstruction_grid
+        from maelab.analysis.viz import png_bytes
 
         with torch.no_grad(), autocast(precision, device):
-            recon = raw.reconstruct(batch, outputs)
-        grid_img = reconstruction_grid(batch["image"], recon.float(), plan.mask)
-        tracker.log_png(png_bytes(grid_img), f"step_{step_done:07d}.png")
+            pictures = raw.pictures(batch, outputs)
+        for name, array in pictures.items():
+            tracker.log_png(png_bytes(array), f"{name}_step_{step_done:07d}.png")
 
     log_every = int(tcfg.get("log_every", 10))
     ckpt_every = int(tcfg.get("ckpt_every") or 0)
