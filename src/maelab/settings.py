@@ -15,3 +15,7 @@ CONFIG_LOADER_ARGS = {
     # conf/imagenet may override one leaf of a recipe without restating the rest
     "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
 }
+
+from maelab.hooks import ActiveEnvHook  # noqa: E402
+
+HOOKS = (ActiveEnvHook(),)

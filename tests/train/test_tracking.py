@@ -39,7 +39,10 @@ def test_run_has_params_metrics_and_artifacts(manifest, tmp_path):
     arts = {a.path for a in client.list_artifacts(r.mlflow_run_id)}
     assert {"encoder", "reconstructions"} <= arts
     pngs = [a.path for a in client.list_artifacts(r.mlflow_run_id, "reconstructions")]
-    assert pngs == ["reconstructions/step_0000002.png", "reconstructions/step_0000004.png"]
+    assert pngs == [
+        "reconstructions/reconstruction_step_0000002.png",
+        "reconstructions/reconstruction_step_0000004.png",
+    ]
     assert (tmp_path / "mlruns" / "artifacts").is_dir()
 
 

@@ -391,7 +391,11 @@ def train(
     if done == total and dist.is_main:
         encoder = getattr(raw, "encoder", raw)
         encoder_path = str(
-            save_safetensors(out / ENCODER, encoder.state_dict(), {"recipe": name, "steps": str(done)})
+            save_safetensors(
+                out / ENCODER,
+                encoder.state_dict(),
+                {"recipe": name, "steps": str(done), "encoder_config": json.dumps(recipe["encoder"])},
+            )
         )
         tracker.log_artifact(encoder_path, "encoder")
         if batch is not None:

@@ -83,4 +83,20 @@ def pretrain(
         report["images_per_s"],
         report["wall_s"],
     )
+    register(report, recipe, env)
     return report, str(Path(report["encoder_path"]))
+
+
+def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) -> None:
+    """Register the encoder as ``maelab-<recipe>-<arch>`` (alias ``candidate``; the first version is also
+    ``champion``). A tracking backend that fails only warns: the trained encoder is on disk either way."""
+    if not report.get("mlflow_run_id"):
+        return
+    from maelab.registry import register_encoder
+
+    try:
+        report["registered_version"] = register_encoder(
+            report["mlflow_run_id"], report["encoder_path"], recipe["name"], env=env
+        )
+    except Exception as err:  # noqa: BLE001 - the registry is optional infrastructure
+        log.warning("could not register the %s encoder in MLflow: %s", recipe["name"], err)
