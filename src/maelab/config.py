@@ -33,7 +33,9 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_config(kind: str = "parameters", env: str | None = None, conf_source: str | Path | None = None) -> dict:
+def load_config(
+    kind: str = "parameters", env: str | None = None, conf_source: str | Path | None = None
+) -> dict:
     """Load one kind of config (``parameters``, ``catalog``, ``mlflow``) the way ``kedro run --env`` does."""
     from kedro.config import OmegaConfigLoader
 

@@ -85,9 +85,10 @@ class View:
         t = t[None] if squeeze else t
         # nearest on int64 is exact for any label value (no float rounding above 2**24)
         crop = t[..., self.top : self.top + self.height, self.left : self.left + self.width]
-        # sample at output pixel centres, as bicubic with align_corners=False does: floor((i + 0.5) * in / out)
-        rows = ((2 * torch.arange(self.size[0]) + 1) * self.height // (2 * self.size[0])).clamp_max(self.height - 1)
-        cols = ((2 * torch.arange(self.size[1]) + 1) * self.width // (2 * self.size[1])).clamp_max(self.width - 1)
+        # sample at output pixel centres, as bicubic with align_corners=False: floor((i + 0.5) * in / out)
+        out_h, out_w = self.size
+        rows = ((2 * torch.arange(out_h) + 1) * self.height // (2 * out_h)).clamp_max(self.height - 1)
+        cols = ((2 * torch.arange(out_w) + 1) * self.width // (2 * out_w)).clamp_max(self.width - 1)
         out = crop[..., rows[:, None], cols[None, :]]
         out = out.flip(-1) if self.flip else out
         return out[0] if squeeze else out

@@ -64,9 +64,16 @@ def launch_torchrun(
 
 
 def pretrain(
-    manifest: pd.DataFrame, recipes: dict[str, Any], recipe_defaults: dict[str, Any], recipe_name: str
+    manifest: pd.DataFrame,
+    recipes: dict[str, Any],
+    recipe_defaults: dict[str, Any],
+    *upstream: Any,
+    recipe_name: str,
 ) -> tuple[dict[str, Any], str]:
-    """Train ``recipe_name`` -> (report, encoder path). MLflow: ``conf/$KEDRO_ENV/mlflow.yml``."""
+    """Train ``recipe_name`` -> (report, encoder path). MLflow: ``conf/$KEDRO_ENV/mlflow.yml``.
+
+    ``upstream`` are outputs this run must wait for (e.g. the region store's report), not read here.
+    """
     recipe = recipe_from_params(recipes, recipe_defaults, recipe_name)
     env = os.environ.get("KEDRO_ENV")
     devices = int(recipe["train"].get("devices") or 1)
@@ -85,6 +92,13 @@ def pretrain(
     )
     register(report, recipe, env)
     return report, str(Path(report["encoder_path"]))
+
+
+def pretrain_configured(
+    manifest: pd.DataFrame, recipes: dict[str, Any], recipe_defaults: dict[str, Any], recipe_name: str
+) -> tuple[dict[str, Any], str]:
+    """``pretrain`` for the recipe named in parameters (``params:pretrain.recipe``)."""
+    return pretrain(manifest, recipes, recipe_defaults, recipe_name=recipe_name)
 
 
 def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) -> None:

@@ -15,14 +15,17 @@ from maelab.pipelines.pretrain import nodes
 INPUTS = ["manifest", "params:recipes", "params:recipe_defaults"]
 
 
-def pretrain_pipeline(recipe_name: str) -> Pipeline:
-    """The pipeline that trains one named recipe (the registry adds ``pretrain_<name>`` for each)."""
+def pretrain_pipeline(recipe_name: str, after: tuple[str, ...] = ()) -> Pipeline:
+    """The pipeline that trains one named recipe (the registry adds ``pretrain_<name>`` for each).
+
+    ``after``: datasets the run must wait for in a composed pipeline (``regions_report`` for R-MAE).
+    """
     func = update_wrapper(partial(nodes.pretrain, recipe_name=recipe_name), nodes.pretrain)
     return pipeline(
         [
             node(
                 func,
-                INPUTS,
+                [*INPUTS, *after],
                 [f"pretrain_{recipe_name}_report", f"pretrain_{recipe_name}_encoder"],
                 name=f"pretrain_{recipe_name}",
                 tags=["pretrain"],
@@ -35,7 +38,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
             node(
-                nodes.pretrain,
+                nodes.pretrain_configured,
                 [*INPUTS, "params:pretrain.recipe"],
                 ["pretrain_report", "pretrain_encoder"],
                 name="pretrain",

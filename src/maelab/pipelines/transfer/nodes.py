@@ -31,18 +31,28 @@ def task_config(transfer: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def run_task(
-    manifest: pd.DataFrame, transfer: dict[str, Any], recipe_defaults: dict[str, Any], encoder: str, task: str
+    manifest: pd.DataFrame,
+    transfer: dict[str, Any],
+    recipe_defaults: dict[str, Any],
+    encoder_path: str | None = None,
+    *,
+    encoder: str,
+    task: str,
 ) -> dict[str, Any]:
-    """Run ``task`` for encoder ``encoder`` (``transfer.encoders[encoder]``) -> its metrics dict."""
+    """Run ``task`` for encoder ``encoder`` -> its metrics dict.
+
+    The encoder is ``encoder_path`` when an upstream node produced it (``rmae_full``: the pre-training
+    output), else ``transfer.encoders[encoder]``.
+    """
     import importlib
 
     encoders = transfer.get("encoders", {})
-    if encoder not in encoders:
+    if encoder_path is None and encoder not in encoders:
         raise KeyError(f"parameters transfer.encoders: no entry {encoder!r} (have {sorted(encoders)})")
     cfg = task_config(transfer, task)
     if not cfg.get("enabled", True):
         return {"status": "disabled"}
-    ref = encoders[encoder]
+    ref = encoder_path.strip() if encoder_path is not None else encoders[encoder]
     is_file = ref is not None and "://" not in str(ref) and ":/" not in str(ref)
     if is_file and not Path(ref).is_file():
         msg = f"transfer.encoders.{encoder}: encoder file {ref} does not exist"

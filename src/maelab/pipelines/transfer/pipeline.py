@@ -36,16 +36,25 @@ def metrics_dataset(encoder: str) -> str:
     return f"transfer_{encoder}_metrics"
 
 
-def create_pipeline(encoders: list[str] | None = None, tasks: list[str] | None = None, **kwargs) -> Pipeline:
+def create_pipeline(
+    encoders: list[str] | None = None,
+    tasks: list[str] | None = None,
+    encoder_inputs: dict[str, str] | None = None,
+    **kwargs,
+) -> Pipeline:
+    """``encoder_inputs`` maps an encoder name to the dataset holding its file path (e.g.
+    ``pretrain_rmae_encoder``), so a composed pipeline runs transfer after pre-training."""
     encoders = list(encoders) if encoders else configured_encoders()
     tasks = list(tasks) if tasks else list(TASKS)
+    encoder_inputs = encoder_inputs or {}
     nodes = []
     for enc in encoders:
+        upstream = [encoder_inputs[enc]] if enc in encoder_inputs else []
         for task in tasks:
             nodes.append(
                 node(
                     _bind(run_task, encoder=enc, task=task),
-                    inputs=["manifest", "params:transfer", "params:recipe_defaults"],
+                    inputs=["manifest", "params:transfer", "params:recipe_defaults", *upstream],
                     outputs=f"transfer_{enc}_{task}",
                     name=task,
                     namespace=f"transfer.{enc}",
