@@ -15,7 +15,7 @@ SMALL_TASK = {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4}
 MICRO = {
     "ingest": {
         "workers": 0,
-        "sources": [{"type": "scenes", "root": "data/01_raw/scenes", "seed": 3, "size": 32,
+        "sources": [{"type": "scenes", "root": "data/01_raw/scenes", "seed": 3, "size": 64,
                      "splits": {"train": 12, "val": 6}}],
     },
     "regions": {"workers": 0, "shard_size": 8, "progress": False, "sources": {"fh": {"scales": [20, 60]}}},
