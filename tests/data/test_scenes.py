@@ -132,3 +132,12 @@ def test_bad_config() -> None:
         ScenesConfig.from_params({"type": "scenes", "root": "x", "min_objects": 0})
     with pytest.raises(ValueError, match="image_format"):
         ScenesConfig.from_params({"image_format": "gif"})
+
+
+def test_tiny_scenes_terminate_with_one_object_left() -> None:
+    """At 32 px a lone object can fall below min_visible; rendering must keep it, not loop forever."""
+    from maelab.data.scenes import ScenesConfig, render
+
+    cfg = ScenesConfig(size=32)
+    for i in range(30):
+        assert len(render(cfg, "train", i)["objects"]) >= 1

@@ -232,6 +232,8 @@ def render(cfg: ScenesConfig, split: str, index: int) -> dict[str, Any]:
             break
         if len(small) == len(objs):  # tiny images: keep the most visible object, so a scene is never empty
             small = [k for k in small if k != int(areas.argmax())]
+            if not small:  # only that object is left: keep it even below min_visible
+                break
         objs = [o for k, o in enumerate(objs) if k not in small]
 
     # 3. paint (colour, texture and contrast independent of the category) and label the visible pixels
