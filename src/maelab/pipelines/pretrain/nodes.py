@@ -14,7 +14,6 @@ from typing import Any
 import pandas as pd
 
 from maelab.config import resolve_recipe
-from maelab.train.engine import RESULT, out_dir_for, train
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,8 @@ def launch_torchrun(
     The resolved recipe and the manifest go through files in the run's output folder, so runtime
     parameter overrides reach every rank. Multi-node runs call torchrun directly (see README).
     """
+    from maelab.train.engine import RESULT, out_dir_for  # torch: imported when a node runs, not at registry
+
     out = out_dir_for(recipe)
     out.mkdir(parents=True, exist_ok=True)
     recipe_file, manifest_file = out / "recipe.json", out / "manifest.parquet"
@@ -74,6 +75,8 @@ def pretrain(
 
     ``upstream`` are outputs this run must wait for (e.g. the region store's report), not read here.
     """
+    from maelab.train.engine import train
+
     recipe = recipe_from_params(recipes, recipe_defaults, recipe_name)
     env = os.environ.get("KEDRO_ENV")
     devices = int(recipe["train"].get("devices") or 1)
