@@ -175,6 +175,19 @@ def load_encoder(
 
 
 # ---------------------------------------------------------------------------- layer-wise lr decay
+def task_encoder(
+    encoder_ref: str | Path | None, default_config: dict[str, Any], cfg: dict[str, Any], img_size: int
+) -> tuple[ViTEncoder, dict[str, Any]]:
+    """``load_encoder`` with a task's ``patch_size`` and ``drop_path`` (default 0.1) at ``img_size``."""
+    return load_encoder(
+        encoder_ref,
+        default_config,
+        img_size=img_size,
+        patch_size=cfg.get("patch_size"),
+        drop_path_rate=float(cfg.get("drop_path", 0.1)),
+    )
+
+
 def layer_id(name: str, num_layers: int) -> int:
     """BEiT/MAE layer id: embeddings 0, ``blocks.i`` i+1, everything after the blocks ``num_layers + 1``."""
     if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token")):

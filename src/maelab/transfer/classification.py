@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
 from maelab.train.schedule import CosineSchedule
-from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd
-from maelab.transfer.data import ClassificationSet, select
+from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd, task_encoder
+from maelab.transfer.data import ClassificationSet, select, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +223,7 @@ def run_finetune(
     torch.manual_seed(seed)
     device = pick_device(cfg.get("device"))
     size = int(cfg.get("img_size", default_config.get("img_size", 224)))
-    encoder, info = load_encoder(
-        encoder_ref,
-        default_config,
-        img_size=size,
-        patch_size=cfg.get("patch_size"),
-        drop_path_rate=float(cfg.get("drop_path", 0.1)),
-    )
+    encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
     train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=True, seed=seed)
     model = FineTuneClassifier(encoder, num_classes, global_pool=bool(cfg.get("global_pool", True))).to(
         device
@@ -274,15 +268,7 @@ def run_finetune(
         else (LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
     )
 
-    loader = DataLoader(
-        train_set,
-        batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=workers > 0,
-    )
+    loader = train_loader(train_set, cfg, 64, seed)
     model.train()
     batches = forever(loader)
     for step in range(total):

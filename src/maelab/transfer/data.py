@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from maelab.data.decode import load_rgb
 from maelab.data.manifest import image_path, mask_file
@@ -130,6 +130,23 @@ class SegmentationSet(Dataset):
             return normalize(view.apply(img).clamp(0, 1)), view.apply_labels(mask)
         img = F.interpolate(img[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
         return normalize(img.clamp(0, 1)), mask
+
+
+def train_loader(
+    dataset: Dataset, cfg: dict[str, Any], default_batch: int, seed: int, **kwargs: Any
+) -> DataLoader:
+    """A task's shuffled training loader: ``batch_size`` (capped at the set), ``num_workers``, seeded."""
+    workers = int(cfg.get("num_workers", 0))
+    return DataLoader(
+        dataset,
+        min(int(cfg.get("batch_size", default_batch)), len(dataset)),
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0,
+        **kwargs,
+    )
 
 
 def collate_eval(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:

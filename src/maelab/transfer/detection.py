@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
-from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd
+from maelab.transfer.backbone import adamw, apply_lr, param_groups_lrd, task_encoder
 from maelab.transfer.classification import forever, pick_device
 from maelab.transfer.data import (
     IMAGENET_MEAN,
@@ -37,6 +37,7 @@ from maelab.transfer.data import (
     coco_json_path,
     collate_detection,
     select,
+    train_loader,
 )
 
 log = logging.getLogger(__name__)
@@ -405,13 +406,7 @@ def run_detection(
         raise ValueError(
             f"transfer.tasks.detection.img_size: {size} must be a multiple of 32 (Mask R-CNN batching)"
         )
-    encoder, info = load_encoder(
-        encoder_ref,
-        default_config,
-        img_size=size,
-        patch_size=cfg.get("patch_size"),
-        drop_path_rate=float(cfg.get("drop_path", 0.1)),
-    )
+    encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
     backbone = ViTDetBackbone(
         encoder,
         int(cfg.get("out_channels", 256)),
@@ -429,17 +424,8 @@ def run_detection(
     )
     eval_set = DetectionSet(eval_rows, eval_json, size, False, source_name=str(eval_path))
     workers = int(cfg.get("num_workers", 0))
-    batch = min(int(cfg.get("batch_size", 64)), len(train_set))
-    loader = DataLoader(
-        train_set,
-        batch,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate_detection,
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=workers > 0,
-    )
+    loader = train_loader(train_set, cfg, 64, seed, collate_fn=collate_detection)
+    batch = loader.batch_size
     steps_per_epoch = max(1, len(train_set) // batch)
     total = int(cfg["steps"]) if cfg.get("steps") else int(cfg.get("epochs", 100)) * steps_per_epoch
     warmup = min(total, int(cfg.get("warmup_steps", 250)))

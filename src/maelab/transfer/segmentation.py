@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
-from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd
+from maelab.transfer.backbone import adamw, apply_lr, param_groups_lrd, task_encoder
 from maelab.transfer.classification import forever, pick_device
-from maelab.transfer.data import IGNORE_INDEX, SegmentationSet, collate_eval, select
+from maelab.transfer.data import IGNORE_INDEX, SegmentationSet, collate_eval, select, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +177,7 @@ def _train_eval_once(
     )
     eval_set = SegmentationSet(eval_rows, size, False, reduce_zero_label=reduce_zero)
 
-    encoder, info = load_encoder(
-        encoder_ref,
-        default_config,
-        img_size=size,
-        patch_size=cfg.get("patch_size"),
-        drop_path_rate=float(cfg.get("drop_path", 0.1)),
-    )
+    encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
     model = ViTUperNet(
         encoder, num_classes, cfg.get("out_indices"), int(cfg.get("decoder_channels", 512))
     ).to(device)
@@ -198,16 +192,7 @@ def _train_eval_once(
     lr = float(cfg.get("lr", 1e-4))
     opt = adamw(groups, lr, (0.9, 0.999))
     workers = int(cfg.get("num_workers", 0))
-    batch = min(int(cfg.get("batch_size", 16)), len(train_set))
-    loader = DataLoader(
-        train_set,
-        batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=workers > 0,
-    )
+    loader = train_loader(train_set, cfg, 16, seed)
     total = int(cfg.get("steps", 160_000))
     warmup = min(total, int(cfg.get("warmup_steps", 1500)))
 
