@@ -63,3 +63,28 @@ def test_filters_and_bad_files_are_named(manifest, tmp_path):
     ds = PretrainDataset(bad, tiny_recipe(), masker=FakeMasker((4, 4)))
     with pytest.raises(ValueError, match=r"img000.png: cannot decode"):
         ds[(0, 0)]
+
+
+def test_images_are_decoded_upright_as_ingest_saw_them(tmp_path):
+    """An EXIF-rotated JPEG trains in its upright orientation (as ingest and the region maps see it)."""
+    import pandas as pd
+    from PIL import Image
+
+    from maelab.data.manifest import conform
+
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(path, exif=exif)
+    row = {
+        "image_id": "scenes:train:0",
+        "source": "scenes",
+        "split": "train",
+        "root": str(tmp_path),
+        "path": "rotated.jpg",
+        "width": 20,
+        "height": 40,
+        "content_hash": "x",
+    }
+    ds = PretrainDataset(conform(pd.DataFrame([row])), tiny_recipe(), seed=0)
+    assert tuple(ds.load_image(ds.rows.iloc[0]).shape) == (3, 40, 20)

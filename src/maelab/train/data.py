@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from maelab.data.decode import load_rgb
 from maelab.data.manifest import image_path
 from maelab.data.view import View
 from maelab.masking.plan import MaskPlan
@@ -111,11 +111,11 @@ class PretrainDataset(Dataset):
         return len(self.rows)
 
     def load_image(self, row: pd.Series) -> Tensor:
-        """RGB ``[3, H, W]`` float in [0, 1]."""
+        """RGB ``[3, H, W]`` float in [0, 1], decoded exactly as ingest accepted it (EXIF-upright), so
+        region maps computed from the same decode stay aligned."""
         path = image_path(row)
         try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(load_rgb(path))
         except (OSError, ValueError) as exc:
             raise ValueError(
                 f"{path}: cannot decode image (manifest row {row['image_id']!r}): {exc}"
