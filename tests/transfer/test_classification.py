@@ -46,3 +46,20 @@ def test_finetune_classifier_pools_and_trains():
     assert model.encoder.norm.weight.grad is None  # global pool: fc_norm replaces the encoder norm (MAE)
     cls = FineTuneClassifier(build_encoder(TINY), num_classes=5, global_pool=False)
     assert cls(x).shape == (4, 5)
+
+
+def test_optimizer_step_stops_on_non_finite_loss_and_names_the_step():
+    import pytest
+    import torch
+    from torch import nn
+
+    from maelab.transfer.classification import optimizer_step
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    optimizer_step("fine-tune", model(torch.ones(1, 2)).sum(), model, opt, 0, 10)
+    assert not torch.equal(model.weight, before)  # a finite loss steps
+    bad = model(torch.ones(1, 2)).sum() * float("nan")
+    with pytest.raises(FloatingPointError, match=r"detection: loss is nan at step 7 \(loss_box=nan\)"):
+        optimizer_step("detection", bad, model, opt, 7, 10, parts={"loss_box": bad})

@@ -34,6 +34,30 @@ def pick_device(name: str | None = "auto") -> torch.device:
     return torch.device(name)
 
 
+def optimizer_step(
+    task: str,
+    loss: Tensor,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    total: int,
+    clip_grad: float | None = None,
+    parts: dict[str, Tensor] | None = None,
+) -> None:
+    """One optimiser step of a transfer task: stop on a non-finite loss (naming the step and the loss
+    ``parts``), backward, optional gradient clipping, step; log the loss five times per run."""
+    if not torch.isfinite(loss):
+        detail = f" ({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())})" if parts else ""
+        raise FloatingPointError(f"{task}: loss is {loss.item()} at step {step}{detail}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), float(clip_grad))
+    opt.step()
+    if step % max(1, total // 5) == 0:
+        log.info("%s step %d/%d loss %.4f", task, step, total, loss.item())
+
+
 def forever(loader: DataLoader) -> Iterator[Any]:
     epoch = 0
     while True:
@@ -278,15 +302,7 @@ def run_finetune(
             x, y = mixup(x, y)
         apply_lr(opt, sched(step))
         loss = criterion(model(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"fine-tune: loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.get("clip_grad"):
-            nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
-        opt.step()
-        if step % max(1, total // 5) == 0:
-            log.info("fine-tune step %d/%d loss %.4f", step, total, loss.item())
+        optimizer_step("fine-tune", loss, model, opt, step, total, cfg.get("clip_grad"))
 
     model.eval()
     logits, labels = [], []

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
 from maelab.transfer.backbone import adamw, apply_lr, param_groups_lrd, task_encoder
-from maelab.transfer.classification import forever, pick_device
+from maelab.transfer.classification import forever, optimizer_step, pick_device
 from maelab.transfer.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -450,15 +450,7 @@ def run_detection(
         apply_lr(opt, step_lr(step, lr, total, warmup, milestones))
         losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"detection: loss {loss.item()} at step {step}: { {k: v.item() for k, v in losses.items()} }"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % max(1, total // 5) == 0:
-            log.info("detection step %d/%d loss %.4f", step, total, loss.item())
+        optimizer_step("detection", loss, model, opt, step, total, parts=losses)
     t_train = time.perf_counter() - t0
 
     model.eval()

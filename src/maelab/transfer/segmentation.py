@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
 from maelab.transfer.backbone import adamw, apply_lr, param_groups_lrd, task_encoder
-from maelab.transfer.classification import forever, pick_device
+from maelab.transfer.classification import forever, optimizer_step, pick_device
 from maelab.transfer.data import IGNORE_INDEX, SegmentationSet, collate_eval, select, train_loader
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,7 @@ def _train_eval_once(
         x, y = next(batches)
         apply_lr(opt, poly_lr(step, lr, total, warmup))
         loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=IGNORE_INDEX)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"segmentation: loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % max(1, total // 5) == 0:
-            log.info("segmentation step %d/%d loss %.4f", step, total, loss.item())
+        optimizer_step("segmentation", loss, model, opt, step, total)
     t_train = time.perf_counter() - t0
 
     model.eval()
