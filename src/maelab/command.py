@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--recipe", required=True)
     flops.add_argument("--env", default=None, help="Kedro config env, e.g. imagenet")
     flops.add_argument("--json", action="store_true")
+    flops.add_argument(
+        "--parts", action="store_true", help="also split the count by encoder / head sub-module"
+    )
 
     bench = sub.add_parser("bench", help="throughput benchmarks (medians)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

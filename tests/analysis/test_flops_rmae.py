@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from maelab.analysis.flops import cli, count_gmacs
+from maelab.analysis.flops import cli, count_gmacs, gmacs_by_part
 from maelab.config import load_recipe
 
 
@@ -21,6 +21,18 @@ def test_vit_b16_rmae_and_rae_match_the_paper(capsys):
     assert mae == pytest.approx(9.7, abs=0.2)
     assert mae < rmae <= 1.06 * mae  # paper: 9.8b vs 9.7b (length variant, 1 x 128-d blocks, k = 8)
     assert rae == pytest.approx(4.7, abs=0.3)  # Table 8, "RAE, default"
+
+
+def test_parts_add_up_and_name_what_the_region_branch_spends():
+    recipe = load_recipe("rmae", "imagenet")
+    parts = gmacs_by_part(recipe)
+    assert sum(parts.values()) == pytest.approx(count_gmacs(recipe), rel=1e-3)
+    region = {k: v for k, v in parts.items() if k.startswith("region.")}
+    # the 3-layer predictor runs on k x N = 8 x 196 expanded tokens: the branch's largest part
+    assert max(region, key=region.get) == "region.predictor"
+    # the region encoder embeds only the visible patches (embedding all N would cost 4x more)
+    assert region["region.region_embed"] < 0.2 * region["region.predictor"]
+    assert sum(region.values()) < 0.06 * count_gmacs(load_recipe("mae", "imagenet"))
 
 
 def tiny(variant: str, k: int) -> dict:

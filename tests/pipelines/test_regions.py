@@ -11,6 +11,7 @@ from PIL import Image
 from skimage.segmentation import felzenszwalb
 
 from maelab.data.manifest import conform
+from maelab.regions.build import shard_rows
 from maelab.regions.store import SourceStore
 
 
@@ -52,10 +53,23 @@ def test_regions_pipeline_end_to_end(kedro_project, kedro_run):
         "  sources:\n    fh: {scales: [30, 90]}\n"
     )
 
-    kedro_run(kedro_project, "regions")
+    # one shard of two (what the Prefect flow's sharded run passes): only its images, nothing pruned
+    kedro_run(kedro_project, "regions", {"regions": {"shard": {"index": 1, "count": 2}}})
+    report = json.loads((kedro_project / "data" / "08_reporting" / "regions_report.json").read_text())
+    mine = shard_rows(pd.DataFrame({"image_id": [f"toy:train:{i}" for i in range(4)]}), 1, 2)
+    assert 0 < len(mine) < 4 and report["shard"] == {"index": 1, "count": 2}
+    fh = report["sources"]["fh"]
+    assert (fh["selected"], fh["computed"], fh["stored"]) == (len(mine), len(mine), len(mine))
+
+    kedro_run(kedro_project, "regions")  # the whole selection: the other shard's images are computed
     report = json.loads((kedro_project / "data" / "08_reporting" / "regions_report.json").read_text())
     fh = report["sources"]["fh"]
-    assert (fh["selected"], fh["computed"], fh["shards_written"], fh["stored"]) == (4, 4, 2, 4)
+    assert (fh["selected"], fh["computed"], fh["up_to_date"], fh["stored"]) == (
+        4,
+        4 - len(mine),
+        len(mine),
+        4,
+    )
 
     store = SourceStore(kedro_project / "data" / "04_feature" / "regions" / "fh")
     assert sorted(store.ids()) == [f"toy:train:{i}" for i in range(4)]

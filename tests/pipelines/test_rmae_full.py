@@ -15,8 +15,15 @@ SMALL_TASK = {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4}
 MICRO = {
     "ingest": {
         "workers": 0,
-        "sources": [{"type": "scenes", "root": "data/01_raw/scenes", "seed": 3, "size": 64,
-                     "splits": {"train": 12, "val": 6}}],
+        "sources": [
+            {
+                "type": "scenes",
+                "root": "data/01_raw/scenes",
+                "seed": 3,
+                "size": 64,
+                "splits": {"train": 12, "val": 6},
+            }
+        ],
     },
     "regions": {"workers": 0, "shard_size": 8, "progress": False, "sources": {"fh": {"scales": [20, 60]}}},
     "recipe_defaults": {
@@ -25,10 +32,13 @@ MICRO = {
         "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "ckpt_every": 0, "image_every": 0},
     },
     "recipes": {
-        "rmae": {"data": {"regions": {"k": 2}},
-                 "heads": {"pixel": {"embed_dim": 16, "depth": 1, "num_heads": 2},
-                           "region": {"num_regions": 2, "dim": 16, "enc_dim": 16, "num_heads": 2,
-                                      "enc_heads": 2}}},
+        "rmae": {
+            "data": {"regions": {"k": 2}},
+            "heads": {
+                "pixel": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+                "region": {"num_regions": 2, "dim": 16, "enc_dim": 16, "num_heads": 2, "enc_heads": 2},
+            },
+        },
         "mae": {"heads": {"pixel": {"embed_dim": 16, "depth": 1, "num_heads": 2}}},
     },
     "transfer": {
@@ -36,9 +46,16 @@ MICRO = {
         "tasks": {
             "linear_probe": {"img_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
             "finetune": SMALL_TASK,
-            "detection": {**SMALL_TASK, "batch_size": 2, "out_channels": 16, "head_channels": 16,
-                          "fc_dim": 32, "window_size": 2, "eval_batch_size": 4,
-                          "anchor_sizes": [8, 16, 32, 64, 128]},
+            "detection": {
+                **SMALL_TASK,
+                "batch_size": 2,
+                "out_channels": 16,
+                "head_channels": 16,
+                "fc_dim": 32,
+                "window_size": 2,
+                "eval_batch_size": 4,
+                "anchor_sizes": [8, 16, 32, 64, 128],
+            },
             "segmentation": {**SMALL_TASK, "decoder_channels": 16},
         },
     },
@@ -48,8 +65,12 @@ MICRO = {
 @pytest.mark.slow
 def test_rmae_full_goes_from_raw_images_to_the_report(kedro_project: Path, kedro_run) -> None:
     for stage in ("ingest", "regions", "pretrain", "transfer"):
-        keys = {"ingest": ["ingest"], "regions": ["regions"], "pretrain": ["recipe_defaults", "recipes"],
-                "transfer": ["transfer"]}[stage]
+        keys = {
+            "ingest": ["ingest"],
+            "regions": ["regions"],
+            "pretrain": ["recipe_defaults", "recipes"],
+            "transfer": ["transfer"],
+        }[stage]
         (kedro_project / "conf/local" / f"parameters_{stage}.yml").write_text(
             yaml.safe_dump({k: MICRO[k] for k in keys})
         )

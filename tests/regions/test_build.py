@@ -190,3 +190,47 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, toy_manifest
 def test_bad_shard_size(tmp_path, toy_manifest):
     with pytest.raises(ValueError, match="shard_size"):
         build_source(SourceStore(tmp_path / "s"), FHSource(), toy_manifest, shard_size=0)
+
+
+def test_concurrent_shard_runs_fill_one_store(tmp_path, toy_manifest):
+    """``regions.shard``: runs on disjoint rows commit into one store at once and never undo each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from maelab.regions.build import shard_rows
+
+    parts = [shard_rows(toy_manifest, i, 3) for i in range(3)]
+    assert sorted(pd.concat(parts)["image_id"]) == sorted(toy_manifest["image_id"])  # a partition
+    assert all(len(p) < len(toy_manifest) for p in parts)
+    store = SourceStore(tmp_path / "store" / "fh")
+    build_source(store, FHSource("fh", SCALES), parts[0], workers=0, shard_size=2, progress=False)
+
+    def run(rows: pd.DataFrame) -> dict:
+        own = SourceStore(store.path)  # each run has its own handle, as separate processes would
+        return build_source(
+            own,
+            FHSource("fh", SCALES),
+            rows,
+            workers=0,
+            shard_size=1,
+            progress=False,
+            keep_ids=rows["image_id"],
+            exclusive=False,
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(run, parts[1:]))
+    assert [r["computed"] for r in reports] == [len(p) for p in parts[1:]]
+    assert all(r["dropped"] == 0 and r["files_removed"] == 0 for r in reports)
+    store.refresh()
+    assert sorted(store.ids()) == sorted(toy_manifest["image_id"])
+    ref = SourceStore(tmp_path / "reference" / "fh")
+    build_source(ref, FHSource("fh", SCALES), toy_manifest, workers=0, progress=False)
+    for image_id in toy_manifest["image_id"]:
+        np.testing.assert_array_equal(store.get(image_id), ref.get(image_id))
+
+
+def test_bad_shard_spec(toy_manifest):
+    from maelab.regions.build import shard_rows
+
+    with pytest.raises(ValueError, match="regions.shard"):
+        shard_rows(toy_manifest, 2, 2)

@@ -63,3 +63,59 @@ def test_optimizer_step_stops_on_non_finite_loss_and_names_the_step():
     bad = model(torch.ones(1, 2)).sum() * float("nan")
     with pytest.raises(FloatingPointError, match=r"detection: loss is nan at step 7 \(loss_box=nan\)"):
         optimizer_step("detection", bad, model, opt, 7, 10, parts={"loss_box": bad})
+
+
+def _scenes_fixture():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "scenes_fixture", Path(__file__).with_name("scenes_fixture.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path, monkeypatch):
+    from maelab.transfer.data import ClassificationSet
+
+    manifest = _scenes_fixture().make_scenes(tmp_path, n_train=2, n_val=1, size=32)
+    monkeypatch.chdir(tmp_path)
+    rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    aug = dict(rand_augment="rand-m9-mstd0.5-inc1", erase_prob=1.0)
+    a, b = ClassificationSet(rows, 32, True, seed=0, **aug), ClassificationSet(rows, 32, True, seed=0, **aug)
+    plain = ClassificationSet(rows, 32, True, seed=0)
+    torch.testing.assert_close(a[0][0], b[0][0])  # same (seed, epoch, index): the same image
+    assert not torch.equal(a[0][0], plain[0][0])  # RandAugment + erasing changed it
+    b.epoch = 1
+    assert not torch.equal(a[0][0], b[0][0])  # a new epoch draws anew
+
+
+def test_finetune_is_reproducible_with_mixup_randaugment_and_erasing(tmp_path, monkeypatch):
+    import numpy as np
+
+    from maelab.transfer.classification import run_finetune
+
+    manifest = _scenes_fixture().make_scenes(tmp_path, n_train=8, n_val=4, size=32)
+    monkeypatch.chdir(tmp_path)
+    cfg = dict(
+        img_size=32,
+        batch_size=4,
+        steps=3,
+        warmup_steps=1,
+        blr=1e-3,
+        drop_path=0.1,
+        mixup=0.8,
+        cutmix=1.0,
+        smoothing=0.1,
+        rand_augment="rand-m9-mstd0.5-inc1",
+        erase_prob=0.5,
+        device="cpu",
+    )
+    np.random.seed(123)  # noqa: NPY002
+    first = run_finetune(manifest, None, TINY, cfg)
+    restored = np.random.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)  # noqa: NPY002
+    assert restored  # the node put NumPy's global state back
+    second = run_finetune(manifest, None, TINY, cfg)
+    assert first["final_loss"] == second["final_loss"] and first["top1"] == second["top1"]

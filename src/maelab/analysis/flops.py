@@ -5,6 +5,7 @@ MAE ViT-B/16 with an 8x512 decoder at 224 px = 9.7b). Fused SDPA hides the atten
 fvcore on CPU, so the model is built with explicit attention (``fused_attn=False``) while counting.
 
     maelab flops --recipe mae --env imagenet --json   ->   {"recipe": "mae", "gmacs": 9.79...}
+    maelab flops --recipe rmae --env imagenet --parts  ->   the count split by encoder / head sub-module
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ class _TraceableStep(nn.Module):
 
 def count_gmacs(recipe: dict[str, Any], seed: int = 0) -> float:
     """GMACs of one training forward (encoder on the kept tokens + every head + losses) for one image."""
+    return _analysis(recipe, seed).total() / 1e9
+
+
+def gmacs_by_part(recipe: dict[str, Any], seed: int = 0) -> dict[str, float]:
+    """The same count split by part: ``encoder`` and each head's direct sub-modules (``region.predictor``,
+    ``pixel.decoder_blocks``, ...), largest first; what no sub-module holds is ``<head>.other``."""
+    per = _analysis(recipe, seed).by_module()
+    parts = {"encoder": per.get("model.encoder", 0)}
+    model = build_pretrainer(recipe, fused_attn=False)
+    for name, head in model.heads.items():
+        total = per.get(f"model.heads.{name}", 0)
+        for child, _ in head.named_children():
+            parts[f"{name}.{child}"] = per.get(f"model.heads.{name}.{child}", 0)
+            total -= parts[f"{name}.{child}"]
+        parts[f"{name}.other"] = total
+    return {k: round(v / 1e9, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v}
+
+
+def _analysis(recipe: dict[str, Any], seed: int) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore scripts helpers with torch.jit at import
         from fvcore.nn import FlopCountAnalysis
@@ -59,7 +79,8 @@ def count_gmacs(recipe: dict[str, Any], seed: int = 0) -> float:
         warnings.simplefilter("ignore")  # jit tracer / deprecation chatter
         analysis = FlopCountAnalysis(_TraceableStep(model, extras), inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return analysis.total() / 1e9
+        analysis.total()  # runs the trace inside the warning filter
+    return analysis
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -68,8 +89,15 @@ def cli(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.env)
     gmacs = count_gmacs(recipe)
+    parts = gmacs_by_part(recipe) if getattr(args, "parts", False) else None
     if args.json:
-        print(json.dumps({"recipe": args.recipe, "gmacs": round(gmacs, 4)}))
+        print(
+            json.dumps(
+                {"recipe": args.recipe, "gmacs": round(gmacs, 4), **({"parts": parts} if parts else {})}
+            )
+        )
     else:
         print(f"{args.recipe} ({args.env or 'base'}): {gmacs:.3f} GMACs per image (one training forward)")
+        for name, value in (parts or {}).items():
+            print(f"  {name:<28} {value:8.4f}")
     return 0

@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import multiprocessing as mp
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -91,18 +94,24 @@ def build_source(
     keep_ids: Iterable[str] | None = None,
     progress: bool = True,
     mp_context: str | None = None,
+    exclusive: bool = True,
 ) -> dict[str, Any]:
     """Bring ``store`` up to date for ``rows`` (manifest rows). Returns a small report.
 
     workers: processes (None = all cores, 0 = in this process); keep_ids: ids still in the manifest —
     index rows of other ids (quarantined or deleted images) are dropped. Unreferenced shards are removed.
+    exclusive=False is one of several concurrent runs on disjoint rows (``regions.shard``): it holds the store
+    lock only while it commits, and neither drops ids nor removes files, which the other runs may still own.
     """
     t0 = time.perf_counter()
     if shard_size < 1:
         raise ValueError(f"regions.shard_size must be >= 1, got {shard_size}")
-    with store.lock():
+    if not exclusive:
+        keep_ids = None
+    with store.lock() if exclusive else contextlib.nullcontext():  # index and meta swaps are atomic
         store.refresh()
         store.write_meta(source)
+        commit = store.commit if exclusive else functools.partial(_commit_shared, store)
         dropped: list[str] = []
         if keep_ids is not None:
             keep = set(keep_ids)
@@ -117,13 +126,13 @@ def build_source(
         try:
             if workers == 0:
                 for chunk in chunks:
-                    store.commit(compute_shard(source, chunk, store.shard_dir, codec))
+                    commit(compute_shard(source, chunk, store.shard_dir, codec))
                     bar.update(len(chunk))
             elif chunks:
-                _run_pool(store, source, chunks, codec, workers, mp_context, bar)
+                _run_pool(store, source, chunks, codec, workers, mp_context, bar, commit)
         finally:
             bar.close()
-        removed = store.gc()
+        removed = store.gc() if exclusive else 0
     seconds = time.perf_counter() - t0
     return {
         "source": source.name,
@@ -140,6 +149,28 @@ def build_source(
     }
 
 
+def _commit_shared(store: SourceStore, records: list[dict[str, Any]]) -> None:
+    """Commit under the blocking lock, onto the index as the other shard runs left it."""
+    with store.lock(wait=True):
+        store.refresh()
+        store.commit(records)
+
+
+def shard_of(image_id: str, count: int) -> int:
+    """Stable shard of an id (BLAKE2b: CRC-32's low bits hardly differ between ``img:1``, ``img:2``, ...)."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little") % count
+
+
+def shard_rows(rows: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
+    """The rows of shard ``index`` of ``count``: a stable hash of ``image_id``, whatever the row order."""
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ValueError(
+            f"regions.shard: need integers 0 <= index < count, got index={index!r} count={count!r}"
+        )
+    keep = rows["image_id"].astype(str).map(lambda i: shard_of(i, count) == index).to_numpy(dtype=bool)
+    return rows[keep]
+
+
 def _run_pool(
     store: SourceStore,
     source: RegionSource,
@@ -148,6 +179,7 @@ def _run_pool(
     workers: int | None,
     mp_context: str | None,
     bar: Any,
+    commit: Callable[[list[dict[str, Any]]], None],
 ) -> None:
     n = min(workers or mp.cpu_count(), len(chunks))
     ctx = mp.get_context(mp_context) if mp_context else None
@@ -160,7 +192,7 @@ def _run_pool(
         while waiting:
             done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
             for fut in done:
-                store.commit(fut.result())  # raises the worker's error; shards already indexed stay
+                commit(fut.result())  # raises the worker's error; shards already indexed stay
                 bar.update(futures[fut])
     except BaseException:
         # running shards still land atomically (unindexed; the next run rewrites or removes them)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import lzma
 import os
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -55,8 +56,13 @@ INDEX_COLUMNS: dict[str, str] = {
 CODECS = ("lzma", "zlib")
 
 
+def _tmp_path(path: Path) -> Path:
+    """A private temp name next to ``path`` (unique per process and thread); ``gc`` removes leftovers."""
+    return path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -196,7 +202,7 @@ class SourceStore:
         parts = [df for df in (old, _conform_index(new) if len(new) else None) if df is not None and len(df)]
         index = _conform_index(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.index_path.with_name(f".tmp-{os.getpid()}-{self.index_path.name}")
+        tmp = _tmp_path(self.index_path)
         index.to_parquet(tmp, index=False)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -250,12 +256,13 @@ class SourceStore:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file() and f.name != ".lock")
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive writer lock (``flock`` on ``.lock``): two builds of one store never interleave."""
+    def lock(self, wait: bool = False) -> Iterator[None]:
+        """Exclusive writer lock (``flock`` on ``.lock``): two builds of one store never interleave.
+        ``wait=False`` fails at once when another run holds it; ``wait=True`` blocks (shard commits)."""
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "w") as f:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RuntimeError(f"{self.path}: another regions run holds the store lock") from None
             try:

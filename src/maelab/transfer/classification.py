@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -199,7 +200,15 @@ def _loaders(manifest: pd.DataFrame, cfg: dict[str, Any], size: int, train_aug: 
     )
     val_rows = select(manifest, sources, data.get("eval_split", "val"), "label", data.get("max_eval_images"))
     scale = tuple(cfg.get("crop_scale", (0.08, 1.0)))
-    train_set = ClassificationSet(train_rows, size, train=train_aug, scale=scale, seed=seed)
+    train_set = ClassificationSet(
+        train_rows,
+        size,
+        train=train_aug,
+        scale=scale,
+        seed=seed,
+        rand_augment=cfg.get("rand_augment"),
+        erase_prob=float(cfg.get("erase_prob", 0.0)),
+    )
     val_set = ClassificationSet(val_rows, size, train=False)
     workers = int(cfg.get("num_workers", 0))
     return train_set, val_set, max(class_count(train_rows), class_count(val_rows)), workers
@@ -245,6 +254,9 @@ def run_finetune(
 
     t0, seed = time.perf_counter(), int(cfg.get("seed", 0))
     torch.manual_seed(seed)
+    # timm's Mixup draws from NumPy's global RNG: seed it for the run, restore it after
+    numpy_state = np.random.get_state()  # noqa: NPY002
+    np.random.seed(seed)  # noqa: NPY002
     device = pick_device(cfg.get("device"))
     size = int(cfg.get("img_size", default_config.get("img_size", 224)))
     encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
@@ -303,6 +315,7 @@ def run_finetune(
         apply_lr(opt, sched(step))
         loss = criterion(model(x), y)
         optimizer_step("fine-tune", loss, model, opt, step, total, cfg.get("clip_grad"))
+    np.random.set_state(numpy_state)  # noqa: NPY002
 
     model.eval()
     logits, labels = [], []

@@ -57,7 +57,12 @@ def normalize(img: Tensor) -> Tensor:
 
 
 class ClassificationSet(Dataset):
-    """Image + label. Train: RandomResizedCrop(scale) + flip (MAE fine-tune); eval: resize + centre crop."""
+    """Image + label. Train: RandomResizedCrop(scale) + flip, then optionally RandAugment and random erasing
+    (MAE fine-tune, Table 9: ``rand-m9-mstd0.5-inc1``, erasing 0.25); eval: resize + centre crop.
+
+    Every random draw comes from a seed of ``(seed, epoch, index)``, so a run is reproducible whatever the
+    number of workers (timm's RandAugment draws from Python's ``random``: its state is swapped per sample).
+    """
 
     def __init__(
         self,
@@ -66,10 +71,20 @@ class ClassificationSet(Dataset):
         train: bool,
         scale: tuple[float, float] = (0.08, 1.0),
         seed: int = 0,
+        rand_augment: str | None = None,
+        erase_prob: float = 0.0,
     ):
         self.rows, self.size, self.train, self.scale, self.seed = rows, int(size), train, tuple(scale), seed
         self.labels = torch.tensor(rows["label"].astype("int64").to_numpy())
         self.epoch = 0
+        self.erase_prob = float(erase_prob)
+        self.rand_augment = None
+        if train and rand_augment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
+            hparams = {"translate_const": int(self.size * 0.45), "img_mean": fill}
+            self.rand_augment = rand_augment_transform(rand_augment, hparams)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -77,12 +92,54 @@ class ClassificationSet(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         img = read_image(self.rows.iloc[i])  # [3, H, W]
         hw, size = tuple(img.shape[-2:]), (self.size, self.size)
-        if self.train:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
-            view = View.random_resized_crop(hw, size, self.scale, generator=gen)
-        else:
-            view = View.center(hw, size)
-        return normalize(view.apply(img).clamp(0, 1)), self.labels[i]
+        if not self.train:
+            return normalize(View.center(hw, size).apply(img).clamp(0, 1)), self.labels[i]
+        sample_seed = self.seed * 1_000_003 + self.epoch * 10_007 + i
+        gen = torch.Generator().manual_seed(sample_seed)
+        img = View.random_resized_crop(hw, size, self.scale, generator=gen).apply(img).clamp(0, 1)
+        if self.rand_augment is not None:
+            img = seeded(sample_seed, self.rand_augment, img)
+        img = normalize(img)
+        if self.erase_prob > 0 and torch.rand((), generator=gen) < self.erase_prob:
+            img = random_erase(img, gen)
+        return img, self.labels[i]
+
+
+def seeded(seed: int, transform: Any, img: Tensor) -> Tensor:
+    """``transform`` (a PIL transform drawing from Python's ``random``) on ``img [3, H, W]`` in [0, 1], with
+    ``random`` seeded by ``seed`` for the call and restored after."""
+    import random
+
+    pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        pil = transform(pil)
+    finally:
+        random.setstate(state)
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def random_erase(
+    img: Tensor, gen: torch.Generator, area: tuple[float, float] = (0.02, 1 / 3), ratio: float = 0.3
+) -> Tensor:
+    """Random erasing, pixel mode (Zhong et al.; timm ``RandomErasing(mode="pixel", max_count=1)``): one box
+    of ``area`` x the image with aspect in ``[ratio, 1/ratio]`` (log-uniform), filled with N(0, 1) noise
+    (the image is normalised). Up to 10 tries to fit a box; the image is returned unchanged if none fits."""
+    _, h, w = img.shape
+    for _ in range(10):
+        target = float(torch.empty(()).uniform_(*area, generator=gen)) * h * w
+        aspect = math.exp(float(torch.empty(()).uniform_(math.log(ratio), -math.log(ratio), generator=gen)))
+        eh, ew = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < eh < h and 0 < ew < w:
+            top = int(torch.randint(0, h - eh + 1, (), generator=gen))
+            left = int(torch.randint(0, w - ew + 1, (), generator=gen))
+            out = img.clone()
+            out[:, top : top + eh, left : left + ew] = torch.randn(
+                img.shape[0], eh, ew, generator=gen, dtype=img.dtype
+            )
+            return out
+    return img
 
 
 class SegmentationSet(Dataset):

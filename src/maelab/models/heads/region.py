@@ -259,10 +259,10 @@ class RegionHead(Head):
         x = target - 0.5  # binary maps centred on 0
         if self.variant == "channel":
             x = x.permute(0, 2, 1, 3).reshape(b, 1, n, k * p2)  # k regions as channels
-        x = self.region_embed(x) + self.region_pos[:, None]  # [B, k', L, pE]
         k_ = x.shape[1]
         ids_keep = rplan.ids_keep.repeat_interleave(k_, 0)  # [B*k', L_keep]
-        x = gather_tokens(x.flatten(0, 1), ids_keep)  # [B*k', L_keep, pE]
+        x = gather_tokens(x.flatten(0, 1), ids_keep)  # visible patches only: [B*k', L_keep, k''*p*p]
+        x = self.region_embed(x) + self.region_pos[0, ids_keep]  # [B*k', L_keep, pE]
         for blk in self.region_blocks:
             x = blk(x)
         return self.region_norm(x).view(b, k_, -1, x.shape[-1])

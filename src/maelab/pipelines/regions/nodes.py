@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from maelab.regions.build import build_source
+from maelab.regions.build import build_source, shard_rows
 from maelab.regions.sources import make_source
 from maelab.regions.store import RegionStore
 
@@ -40,9 +40,13 @@ def compute_regions(
     """Bring every source in ``params["compute"]`` up to date for its selected images; return the run report.
 
     Quarantined images are absent from the manifest, so they are never computed; with ``prune`` their stale
-    maps (and those of deleted images) leave the index.
+    maps (and those of deleted images) leave the index. ``params["shard"] = {index, count}`` (set by the
+    Prefect flow that runs ``count`` of these at once) computes only that shard's images and never prunes.
     """
     check_manifest(manifest)
+    shard = params.get("shard") or {}
+    count = shard.get("count", 1)
+    sharded = count != 1
     images = params.get("images") or {}
     configured = params.get("sources") or {}
     report: dict[str, Any] = {}
@@ -55,6 +59,8 @@ def compute_regions(
         rows = select_rows(
             manifest, cfg.get("sources", images.get("sources")), cfg.get("splits", images.get("splits"))
         )
+        if sharded:
+            rows = shard_rows(rows, shard.get("index"), count)
         report[name] = build_source(
             region_store[name],
             make_source(name, cfg),
@@ -64,5 +70,6 @@ def compute_regions(
             codec=region_store.codec,
             keep_ids=manifest["image_id"].tolist() if params.get("prune", True) else None,
             progress=bool(params.get("progress", True)),
+            exclusive=not sharded,
         )
-    return {"store": str(region_store.path), "sources": report}
+    return {"store": str(region_store.path), "shard": shard or None, "sources": report}
