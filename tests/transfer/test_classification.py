@@ -119,3 +119,17 @@ def test_finetune_is_reproducible_with_mixup_randaugment_and_erasing(tmp_path, m
     assert restored  # the node put NumPy's global state back
     second = run_finetune(manifest, None, TINY, cfg)
     assert first["final_loss"] == second["final_loss"] and first["top1"] == second["top1"]
+
+
+def test_rand_augment_posterize_at_full_magnitude_gives_a_black_image():
+    import pandas as pd
+    from PIL import Image
+
+    from maelab.transfer.data import ClassificationSet
+
+    rows = pd.DataFrame({"label": [0]})
+    ra = ClassificationSet(rows, 32, True, rand_augment="rand-m9-mstd0.5-inc1").rand_augment
+    (op,) = [op for op in ra.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0  # 4 - 10/10 * 4 = 0 bits kept
+    out = op(Image.new("RGB", (8, 8), (200, 120, 40)))
+    assert out.size == (8, 8) and out.getextrema() == ((0, 0), (0, 0), (0, 0))

@@ -85,6 +85,9 @@ class ClassificationSet(Dataset):
             fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
             hparams = {"translate_const": int(self.size * 0.45), "img_mean": fill}
             self.rand_augment = rand_augment_transform(rand_augment, hparams)
+            for op in self.rand_augment.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,6 +106,18 @@ class ClassificationSet(Dataset):
         if self.erase_prob > 0 and torch.rand((), generator=gen) < self.erase_prob:
             img = random_erase(img, gen)
         return img, self.labels[i]
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op for every level: ``PosterizeIncreasing`` at magnitude 10 keeps 0 bits, which Pillow
+    < 10 turned into a black image (what the MAE recipe trained with) and Pillow 13 rejects."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, int(bits_to_keep))
 
 
 def seeded(seed: int, transform: Any, img: Tensor) -> Tensor:
