@@ -91,11 +91,8 @@ def cli(args: argparse.Namespace) -> int:
     gmacs = count_gmacs(recipe)
     parts = gmacs_by_part(recipe) if getattr(args, "parts", False) else None
     if args.json:
-        print(
-            json.dumps(
-                {"recipe": args.recipe, "gmacs": round(gmacs, 4), **({"parts": parts} if parts else {})}
-            )
-        )
+        out = {"recipe": args.recipe, "gmacs": round(gmacs, 4)}
+        print(json.dumps({**out, "parts": parts} if parts else out))
     else:
         print(f"{args.recipe} ({args.env or 'base'}): {gmacs:.3f} GMACs per image (one training forward)")
         for name, value in (parts or {}).items():
