@@ -3,7 +3,7 @@ name and cannot see ``pretrain_<recipe>``)."""
 
 from kedro.pipeline import Pipeline
 
-from maelab.pipelines import ingest, pretrain, regions, report, rmae_full, transfer
+from maelab.pipelines import ingest, interactive, pretrain, regions, report, rmae_full, transfer
 from maelab.pipelines.pretrain.pipeline import pretrain_pipeline
 
 # recipes with their own `kedro run --pipeline=pretrain_<name>` (each is defined in parameters_pretrain.yml)
@@ -17,6 +17,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "pretrain": pretrain.create_pipeline(),
         "transfer": transfer.create_pipeline(),
         "report": report.create_pipeline(),
+        "interactive": interactive.create_pipeline(),
         "rmae_full": rmae_full.create_pipeline(),
     }
     for recipe in RECIPES:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
 SMALL_TASK = {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4}
@@ -87,6 +88,13 @@ def test_rmae_full_goes_from_raw_images_to_the_report(kedro_project: Path, kedro
     rmae = json.loads((data / "08_reporting/pretrain_rmae.json").read_text())
     assert set(rmae["heads"]) == {"pixel", "region"} and rmae["steps"] == 3
     assert (data / "04_feature/regions/fh/index.parquet").is_file()
+
+    interactive = json.loads((data / "08_reporting/interactive_rmae.json").read_text())
+    assert [r["kind"] for r in interactive["results"]] == ["reveal", "reveal", "clicks"]
+    for r in interactive["results"]:
+        assert r["instances"] > 0 and 0 <= r["miou"] <= 1 and 0 <= r["baseline_miou"] <= 1, r
+    with Image.open(data / "08_reporting/interactive_rmae.png") as picture:
+        assert picture.width == 4 * picture.height / min(6, interactive["images"])  # 4 panels per example
 
     from maelab.registry import list_models
 

@@ -241,9 +241,15 @@ class _quiet:
 
 
 def load_model(recipe: str, env: str | None, checkpoint: str | Path) -> Pretrainer:
-    """A Pretrainer for ``recipe`` with the weights of a training checkpoint (``checkpoint.pt``, loaded with
-    ``weights_only=True``) or a safetensors file of the whole model's state dict."""
+    """A Pretrainer for ``recipe`` (named in the config of ``env``) with the weights of ``checkpoint``."""
     from maelab.config import load_recipe
+
+    return model_from_checkpoint(load_recipe(recipe, env), checkpoint)
+
+
+def model_from_checkpoint(recipe: dict[str, Any], checkpoint: str | Path) -> Pretrainer:
+    """A Pretrainer for a resolved ``recipe`` with the weights of a training checkpoint (``checkpoint.pt``,
+    loaded with ``weights_only=True``) or a safetensors file of the whole model's state dict."""
     from maelab.models import build_pretrainer
 
     path = Path(checkpoint)
@@ -256,12 +262,39 @@ def load_model(recipe: str, env: str | None, checkpoint: str | Path) -> Pretrain
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
-    model = build_pretrainer(load_recipe(recipe, env))
+    model = build_pretrainer(recipe)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit recipe {recipe!r} (field 'model'): {err}") from err
+        name = recipe.get("name", "<recipe>")
+        raise ValueError(f"{path}: weights do not fit recipe {name!r} (field 'model'): {err}") from err
     return model.eval()
+
+
+def example_figure(
+    model: Pretrainer,
+    samples: Sequence[tuple[Tensor, Tensor]],
+    kind: str = "reveal",
+    amount: float = 0.25,
+    image_visible: str = "prompt",
+    examples: int = 6,
+    seed: int = 0,
+) -> np.ndarray:
+    """Rows of ``image + prompt | prediction | overlay | ground truth``, for the largest instance of each of
+    the first ``examples`` samples: what ``evaluate_interactive`` scores, to look at."""
+    p = region_head(model).spec.patch_size
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for image, masks in samples[:examples]:
+        m = masks[int(masks.flatten(1).sum(1).argmax())]
+        prompts = choose_prompts(m, p, kind, amount, g)
+        region = m.float() if kind == "reveal" else None
+        prob = segment_interactive(model, image, prompts, region=region, image_visible=image_visible)
+        panel = figure(image, prob, prompts, p)
+        truth = m.float().repeat_interleave(4, -1).repeat_interleave(4, -2)
+        truth = (truth[..., None].expand(-1, -1, 3).numpy() * 255).astype(np.uint8)
+        rows.append(np.concatenate([panel, truth], axis=1))
+    return np.concatenate(rows, axis=0)
 
 
 def figure(image: Tensor, prob: Tensor, prompts: Sequence[int], p: int, scale: int = 4) -> np.ndarray:

@@ -1,12 +1,13 @@
 """``rmae_full``: raw images -> the side-by-side table. ingest -> regions -> pre-train R-MAE and the MAE
 baseline -> transfer (linear probe, fine-tune, detection, segmentation) for both and a random-init
-encoder -> report. Everything is read from parameters; the data flow orders the stages."""
+encoder -> report, and R-MAE's interactive segmentation. Everything is read from parameters; the data
+flow orders the stages."""
 
 from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from maelab.pipelines import ingest, regions, report, transfer
+from maelab.pipelines import ingest, interactive, regions, report, transfer
 from maelab.pipelines.pretrain.pipeline import pretrain_pipeline
 
 PRETRAINED = ("rmae", "mae")
@@ -24,4 +25,5 @@ def create_pipeline(**kwargs) -> Pipeline:
         + pretrain
         + evaluate
         + report.create_pipeline(encoders=list(ENCODERS))
+        + interactive.create_pipeline("rmae")
     )
