@@ -90,7 +90,7 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
     (root / "conf" / "local").mkdir()
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())["kedro"]
-    assert set(spec["stages"]) == {"ingest", "regions", "pretrain", "transfer", "report"}
+    assert set(spec["stages"]) == {"ingest", "regions", "pretrain", "transfer", "report", "interactive"}
 
     def placeholder(path: str) -> None:
         path = path.replace("${kedro.env}", params["env"])
@@ -112,11 +112,12 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
                 placeholder(dep.replace("${item}", str(item)))
 
     out = _run(root, DVC, "repro", "--dry")
-    stages = ["ingest", "regions", "pretrain@mae", "pretrain@rmae", "transfer", "report"]
+    stages = ["ingest", "regions", "pretrain@mae", "pretrain@rmae", "transfer", "report", "interactive"]
     for stage in stages:
         assert f"Running stage '{stage}'" in out, out
     order = [out.index(f"Running stage '{s}'") for s in stages]
     assert order[0] < order[1] < min(order[2:4]) and max(order[2:4]) < order[4] < order[5]
+    assert order[3] < order[6]  # interactive segmentation reads the R-MAE checkpoint
     assert f"kedro run --pipeline=pretrain_rmae --env={params['env']}" in out
 
 
