@@ -3,6 +3,7 @@ with the pre-trained encoders registered in MLflow (first version = champion).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,8 +11,13 @@ import pytest
 import yaml
 from PIL import Image
 
+_spec = importlib.util.spec_from_file_location(
+    "scenes_fixture", Path(__file__).parents[1] / "transfer" / "scenes_fixture.py"
+)
+scenes_fixture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scenes_fixture)
+
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
-SMALL_TASK = {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4}
 
 MICRO = {
     "ingest": {
@@ -44,21 +50,7 @@ MICRO = {
     },
     "transfer": {
         "data": {"max_eval_images": 4},
-        "tasks": {
-            "linear_probe": {"img_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
-            "finetune": SMALL_TASK,
-            "detection": {
-                **SMALL_TASK,
-                "batch_size": 2,
-                "out_channels": 16,
-                "head_channels": 16,
-                "fc_dim": 32,
-                "window_size": 2,
-                "eval_batch_size": 4,
-                "anchor_sizes": [8, 16, 32, 64, 128],
-            },
-            "segmentation": {**SMALL_TASK, "decoder_channels": 16},
-        },
+        "tasks": scenes_fixture.MICRO_TASKS,
     },
 }
 

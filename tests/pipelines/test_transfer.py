@@ -24,29 +24,7 @@ MICRO = {
         "evaluate": ["tiny", "random_init"],
         "encoders": {"tiny": "data/06_models/pretrain/tiny/encoder.safetensors", "random_init": None},
         "data": {"max_eval_images": 4},
-        "tasks": {
-            "linear_probe": {"img_size": 32, "epochs": 3, "warmup_epochs": 1, "batch_size": 8},
-            "finetune": {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4},
-            "detection": {
-                "img_size": 32,
-                "steps": 2,
-                "warmup_steps": 1,
-                "batch_size": 2,
-                "out_channels": 16,
-                "head_channels": 16,
-                "fc_dim": 32,
-                "window_size": 2,
-                "eval_batch_size": 4,
-                "anchor_sizes": [8, 16, 32, 64, 128],
-            },
-            "segmentation": {
-                "img_size": 32,
-                "steps": 2,
-                "warmup_steps": 1,
-                "batch_size": 4,
-                "decoder_channels": 16,
-            },
-        },
+        "tasks": scenes_fixture.MICRO_TASKS,
     },
 }
 

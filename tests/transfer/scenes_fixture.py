@@ -1,6 +1,6 @@
 """A tiny scenes dataset laid out like ingest's output (manifest + COCO JSON), for the transfer tests.
 
-Used by tests/transfer and tests/pipelines/test_transfer.py (loaded by path: tests have no packages).
+Used by tests/transfer, tests/pipelines/test_transfer.py and test_rmae_full.py (loaded by path: no packages).
 """
 
 from __future__ import annotations
@@ -13,6 +13,24 @@ import pandas as pd
 
 from maelab.data.manifest import conform
 from maelab.data.scenes import CATEGORIES, ScenesConfig, generate
+
+SMALL_TASK = {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4}
+# transfer.tasks for the micro end-to-end runs: every task, a few steps on 32 px images, tiny heads
+MICRO_TASKS = {
+    "linear_probe": {"img_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
+    "finetune": SMALL_TASK,
+    "detection": {
+        **SMALL_TASK,
+        "batch_size": 2,
+        "out_channels": 16,
+        "head_channels": 16,
+        "fc_dim": 32,
+        "window_size": 2,
+        "eval_batch_size": 4,
+        "anchor_sizes": [8, 16, 32, 64, 128],
+    },
+    "segmentation": {**SMALL_TASK, "decoder_channels": 16},
+}
 
 
 def make_scenes(

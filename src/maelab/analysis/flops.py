@@ -37,15 +37,18 @@ class _TraceableStep(nn.Module):
 
 def count_gmacs(recipe: dict[str, Any], seed: int = 0) -> float:
     """GMACs of one training forward (encoder on the kept tokens + every head + losses) for one image."""
-    return _analysis(recipe, seed).total() / 1e9
+    return _analysis(recipe, seed)[0].total() / 1e9
 
 
 def gmacs_by_part(recipe: dict[str, Any], seed: int = 0) -> dict[str, float]:
     """The same count split by part: ``encoder`` and each head's direct sub-modules (``region.predictor``,
     ``pixel.decoder_blocks``, ...), largest first; what no sub-module holds is ``<head>.other``."""
-    per = _analysis(recipe, seed).by_module()
+    return _split(*_analysis(recipe, seed))
+
+
+def _split(analysis: Any, model: Pretrainer) -> dict[str, float]:
+    per = analysis.by_module()
     parts = {"encoder": per.get("model.encoder", 0)}
-    model = build_pretrainer(recipe, fused_attn=False)
     for name, head in model.heads.items():
         total = per.get(f"model.heads.{name}", 0)
         for child, _ in head.named_children():
@@ -55,7 +58,8 @@ def gmacs_by_part(recipe: dict[str, Any], seed: int = 0) -> dict[str, float]:
     return {k: round(v / 1e9, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v}
 
 
-def _analysis(recipe: dict[str, Any], seed: int) -> Any:
+def _analysis(recipe: dict[str, Any], seed: int) -> tuple[Any, Pretrainer]:
+    """The traced fvcore analysis of one training forward, and the model it traced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore scripts helpers with torch.jit at import
         from fvcore.nn import FlopCountAnalysis
@@ -80,7 +84,7 @@ def _analysis(recipe: dict[str, Any], seed: int) -> Any:
         analysis = FlopCountAnalysis(_TraceableStep(model, extras), inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         analysis.total()  # runs the trace inside the warning filter
-    return analysis
+    return analysis, model
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -88,8 +92,9 @@ def cli(args: argparse.Namespace) -> int:
     from maelab.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.env)
-    gmacs = count_gmacs(recipe)
-    parts = gmacs_by_part(recipe) if getattr(args, "parts", False) else None
+    analysis, model = _analysis(recipe, 0)  # one trace for the total and the parts
+    gmacs = analysis.total() / 1e9
+    parts = _split(analysis, model) if getattr(args, "parts", False) else None
     if args.json:
         out = {"recipe": args.recipe, "gmacs": round(gmacs, 4)}
         print(json.dumps({**out, "parts": parts} if parts else out))

@@ -155,6 +155,22 @@ def prompt_baseline(mask: Tensor, prompts: Sequence[int], p: int, kind: str, gri
     return union & mask.bool() if kind == "reveal" else union
 
 
+def prompt_and_segment(
+    model: Pretrainer,
+    image: Tensor,
+    mask: Tensor,
+    kind: str,
+    amount: float,
+    image_visible: str,
+    generator: torch.Generator,
+) -> tuple[list[int], Tensor]:
+    """One instance as it is scored: prompts drawn from ``mask [H, W]`` (:func:`choose_prompts`), then the
+    predicted region ``[H, W]``; ``reveal`` prompts show the mask's own values at the revealed patches."""
+    prompts = choose_prompts(mask, region_head(model).spec.patch_size, kind, amount, generator)
+    region = mask.float() if kind == "reveal" else None
+    return prompts, segment_interactive(model, image, prompts, region=region, image_visible=image_visible)
+
+
 @torch.no_grad()
 def evaluate_interactive(
     model: Pretrainer,
@@ -177,9 +193,7 @@ def evaluate_interactive(
         for m in masks:
             if not m.any():
                 continue
-            prompts = choose_prompts(m, p, kind, amount, g)
-            region = m.float() if kind == "reveal" else None
-            prob = segment_interactive(model, image, prompts, region=region, image_visible=image_visible)
+            prompts, prob = prompt_and_segment(model, image, m, kind, amount, image_visible, g)
             pred_ious.append(iou(prob > threshold, m))
             base_ious.append(iou(prompt_baseline(m, prompts, p, kind, grid), m))
     if not pred_ious:
@@ -287,9 +301,7 @@ def example_figure(
     rows = []
     for image, masks in samples[:examples]:
         m = masks[int(masks.flatten(1).sum(1).argmax())]
-        prompts = choose_prompts(m, p, kind, amount, g)
-        region = m.float() if kind == "reveal" else None
-        prob = segment_interactive(model, image, prompts, region=region, image_visible=image_visible)
+        prompts, prob = prompt_and_segment(model, image, m, kind, amount, image_visible, g)
         panel = figure(image, prob, prompts, p)
         truth = m.float().repeat_interleave(4, -1).repeat_interleave(4, -2)
         truth = (truth[..., None].expand(-1, -1, 3).numpy() * 255).astype(np.uint8)
