@@ -47,6 +47,18 @@ def test_upernet_shapes_and_gradient():
     assert enc.blocks[0].attn.qkv.weight.grad is not None
 
 
+def test_auxiliary_head_is_trained_but_not_used_for_prediction():
+    enc = build_encoder(dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0))
+    model = ViTUperNet(enc, num_classes=5, decoder_channels=16, aux_channels=8).eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, aux = model.forward_with_aux(x)
+    assert aux is not None and aux.shape == logits.shape == (2, 5, 64, 64)
+    assert torch.equal(model(x), logits)
+    aux.mean().backward()
+    assert model.aux_head[0].weight.grad is not None and model.classifier.weight.grad is None
+    assert ViTUperNet(enc, num_classes=5, decoder_channels=16).forward_with_aux(x)[1] is None
+
+
 def test_poly_lr():
     assert poly_lr(0, 1.0, 100, 10) == pytest.approx(1e-6)
     assert poly_lr(10, 1.0, 100, 10) == pytest.approx(1.0)

@@ -221,6 +221,7 @@ def run_linear_probe(
     t0, seed = time.perf_counter(), int(cfg.get("seed", 0))
     device = pick_device(cfg.get("device"))
     size = int(cfg.get("img_size", default_config.get("img_size", 224)))
+    torch.manual_seed(seed)  # the random_init encoder's weights
     encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.get("patch_size"))
     train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=False, seed=seed)
     bs = int(cfg.get("extract_batch_size", 64))

@@ -3,7 +3,8 @@ MAE (He et al. 2022, §A.4).
 
 Four encoder blocks (ViT-B: 3, 5, 7, 11) are read out, resampled to four scales (x4 by two deconvs, x2 by a
 deconv, identity, /2 by max-pool) and fed to segmentation-models-pytorch's ``UPerNetDecoder`` (a maintained
-UperNet head: PPM + FPN + fusion). Training: AdamW, layer-wise lr decay, linear warm-up then poly decay,
+UperNet head: PPM + FPN + fusion). As in mmsegmentation's BEiT/MAE UperNet config, an auxiliary FCN head
+(one 3x3 conv, 256 channels) on the third level adds 0.4 x its cross-entropy during training. Training: AdamW, layer-wise lr decay, linear warm-up then poly decay,
 cross-entropy with ignore index 255. Metric: mIoU from a confusion matrix, optionally averaged over seeds
 (long-seq MAE §4.1 reports the mean of 3 runs).
 """
@@ -64,6 +65,7 @@ class ViTUperNet(nn.Module):
         out_indices: list[int] | None = None,
         decoder_channels: int = 512,
         dropout: float = 0.1,
+        aux_channels: int = 0,
     ):
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
@@ -80,16 +82,37 @@ class ViTUperNet(nn.Module):
         )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+        # mmseg FCNHead(in_index=2, num_convs=1, concat_input=False): used in training only (0 = none)
+        self.aux_head = (
+            nn.Sequential(
+                nn.Conv2d(dim, aux_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(aux_channels),
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(dropout),
+                nn.Conv2d(aux_channels, num_classes, 1),
+            )
+            if aux_channels
+            else None
+        )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, 3, H, W] -> logits [B, K, H, W]."""
+    def forward_with_aux(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[B, 3, H, W] -> logits [B, K, H, W] and the auxiliary head's [B, K, H, W] (None without one)."""
         _, inter = self.encoder.forward_intermediates(x, indices=self.out_indices)  # 4 x [B, 1+L, D]
         h, w = self.encoder.grid
         maps = [t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in inter]  # 4 x [B, D, h, w]
         feats = self.neck(maps)
         out = self.decoder([None, None, *feats])  # [B, C, 4h, 4w]
-        logits = self.classifier(self.dropout(out))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            self.classifier(self.dropout(out)), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+        if self.aux_head is None:
+            return logits, None
+        aux = self.aux_head(feats[2])  # [B, K, h, w]
+        return logits, F.interpolate(aux, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, 3, H, W] -> logits [B, K, H, W] (the main head only)."""
+        return self.forward_with_aux(x)[0]
 
 
 # ------------------------------------------------------------------------------------------ metric
@@ -178,8 +201,13 @@ def _train_eval_once(
     eval_set = SegmentationSet(eval_rows, size, False, reduce_zero_label=reduce_zero)
 
     encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
+    aux_weight = float(cfg.get("aux_weight", 0.4))
     model = ViTUperNet(
-        encoder, num_classes, cfg.get("out_indices"), int(cfg.get("decoder_channels", 512))
+        encoder,
+        num_classes,
+        cfg.get("out_indices"),
+        int(cfg.get("decoder_channels", 512)),
+        aux_channels=int(cfg.get("aux_channels", 256)) if aux_weight > 0 else 0,
     ).to(device)
     groups = param_groups_lrd(
         model,
@@ -202,7 +230,11 @@ def _train_eval_once(
     for step in range(total):
         x, y = next(batches)
         apply_lr(opt, poly_lr(step, lr, total, warmup))
-        loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=IGNORE_INDEX)
+        y = y.to(device)
+        logits, aux = model.forward_with_aux(x.to(device))
+        loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+        if aux is not None:  # mmseg: auxiliary FCN loss, weight 0.4
+            loss = loss + aux_weight * F.cross_entropy(aux, y, ignore_index=IGNORE_INDEX)
         optimizer_step("segmentation", loss, model, opt, step, total)
     t_train = time.perf_counter() - t0
 
