@@ -4,9 +4,9 @@ MAE (He et al. 2022, §A.4).
 Four encoder blocks (ViT-B: 3, 5, 7, 11) are read out, resampled to four scales (x4 by two deconvs, x2 by a
 deconv, identity, /2 by max-pool) and fed to segmentation-models-pytorch's ``UPerNetDecoder`` (a maintained
 UperNet head: PPM + FPN + fusion). As in mmsegmentation's BEiT/MAE UperNet config, an auxiliary FCN head
-(one 3x3 conv, 256 channels) on the third level adds 0.4 x its cross-entropy during training. Training: AdamW, layer-wise lr decay, linear warm-up then poly decay,
-cross-entropy with ignore index 255. Metric: mIoU from a confusion matrix, optionally averaged over seeds
-(long-seq MAE §4.1 reports the mean of 3 runs).
+(one 3x3 conv, 256 channels) on the third level adds 0.4 x its cross-entropy during training.
+Training: AdamW, layer-wise lr decay, linear warm-up then poly decay, cross-entropy with ignore index 255.
+Metric: mIoU from a confusion matrix, optionally averaged over seeds (long-seq MAE §4.1: the mean of 3 runs).
 """
 
 from __future__ import annotations
