@@ -29,7 +29,7 @@ MICRO_TASKS = {
         "eval_batch_size": 4,
         "anchor_sizes": [8, 16, 32, 64, 128],
     },
-    "segmentation": {**SMALL_TASK, "decoder_channels": 16},
+    "segmentation": {**SMALL_TASK, "decoder_channels": 16, "aux_channels": 8},
 }
 
 
