@@ -293,6 +293,7 @@ def example_figure(
     image_visible: str = "prompt",
     examples: int = 6,
     seed: int = 0,
+    scale: int = 4,
 ) -> np.ndarray:
     """Rows of ``image + prompt | prediction | overlay | ground truth``, for the largest instance of each of
     the first ``examples`` samples: what ``evaluate_interactive`` scores, to look at."""
@@ -302,8 +303,8 @@ def example_figure(
     for image, masks in samples[:examples]:
         m = masks[int(masks.flatten(1).sum(1).argmax())]
         prompts, prob = prompt_and_segment(model, image, m, kind, amount, image_visible, g)
-        panel = figure(image, prob, prompts, p)
-        truth = m.float().repeat_interleave(4, -1).repeat_interleave(4, -2)
+        panel = figure(image, prob, prompts, p, scale)
+        truth = m.float().repeat_interleave(scale, -1).repeat_interleave(scale, -2)
         truth = (truth[..., None].expand(-1, -1, 3).numpy() * 255).astype(np.uint8)
         rows.append(np.concatenate([panel, truth], axis=1))
     return np.concatenate(rows, axis=0)

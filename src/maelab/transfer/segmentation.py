@@ -95,24 +95,31 @@ class ViTUperNet(nn.Module):
             else None
         )
 
-    def forward_with_aux(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """[B, 3, H, W] -> logits [B, K, H, W] and the auxiliary head's [B, K, H, W] (None without one)."""
+    def pyramid(self, x: Tensor) -> list[Tensor]:
+        """[B, 3, H, W] -> the neck's 4 maps [B, D, 4h, 4w] ... [B, D, h/2, w/2]."""
         _, inter = self.encoder.forward_intermediates(x, indices=self.out_indices)  # 4 x [B, 1+L, D]
         h, w = self.encoder.grid
         maps = [t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in inter]  # 4 x [B, D, h, w]
-        feats = self.neck(maps)
+        return self.neck(maps)
+
+    def head(self, feats: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """The UperNet decoder and classifier: logits [B, K, *size]."""
         out = self.decoder([None, None, *feats])  # [B, C, 4h, 4w]
-        logits = F.interpolate(
-            self.classifier(self.dropout(out)), size=x.shape[-2:], mode="bilinear", align_corners=False
-        )
+        logits = self.classifier(self.dropout(out))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward_with_aux(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[B, 3, H, W] -> logits [B, K, H, W] and the auxiliary head's [B, K, H, W] (None without one)."""
+        feats, size = self.pyramid(x), x.shape[-2:]
+        logits = self.head(feats, size)
         if self.aux_head is None:
             return logits, None
         aux = self.aux_head(feats[2])  # [B, K, h, w]
-        return logits, F.interpolate(aux, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """[B, 3, H, W] -> logits [B, K, H, W] (the main head only)."""
-        return self.forward_with_aux(x)[0]
+        """[B, 3, H, W] -> logits [B, K, H, W] (the main head only: evaluation skips the auxiliary head)."""
+        return self.head(self.pyramid(x), x.shape[-2:])
 
 
 # ------------------------------------------------------------------------------------------ metric
