@@ -67,16 +67,21 @@ def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "
 
 
 def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
-    """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, ...}`` attaches R-MAE's
-    :class:`~maelab.regions.sampling.RegionExtra` (store ``data/04_feature/regions/<source>`` or ``store``).
+    """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, store, ...}`` attaches
+    R-MAE's :class:`~maelab.regions.sampling.RegionExtra` reading the region store folder ``store`` (the Kedro
+    pretrain node sets it from the ``region_store`` dataset; ``python -m maelab.train`` from the catalog).
     """
     out: list[SampleExtra] = []
-    if data_cfg.get("regions"):
-        from maelab.config import project_root
+    regions = data_cfg.get("regions")
+    if regions:
         from maelab.regions.sampling import RegionExtra
 
-        root = project_root() / "data/04_feature/regions"
-        out.append(RegionExtra.from_params(data_cfg["regions"], root=root))
+        if not regions.get("store"):
+            raise ValueError(
+                "recipe data.regions: field 'store' (the region store folder) is not set; run through the "
+                "Kedro pretrain pipeline, which reads it from the region_store dataset"
+            )
+        out.append(RegionExtra.from_params(regions))
     return out
 
 
