@@ -66,9 +66,10 @@ def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "
     return rows.reset_index(drop=True)
 
 
-def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
+def recipe_extras(data_cfg: dict[str, Any], heads: dict[str, Any] | None = None) -> list[SampleExtra]:
     """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, ...}`` attaches R-MAE's
-    :class:`~maelab.regions.sampling.RegionExtra` (store ``data/04_feature/regions/<source>`` or ``store``).
+    :class:`~maelab.regions.sampling.RegionExtra` (store ``data/04_feature/regions/<source>`` or ``store``;
+    ``heads`` gives it the region head's mask ratio, so eligibility uses the region plan).
     """
     out: list[SampleExtra] = []
     if data_cfg.get("regions"):
@@ -76,7 +77,7 @@ def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
         from maelab.regions.sampling import RegionExtra
 
         root = project_root() / "data/04_feature/regions"
-        out.append(RegionExtra.from_params(data_cfg["regions"], root=root))
+        out.append(RegionExtra.from_params(data_cfg["regions"], root=root, heads=heads))
     return out
 
 
@@ -103,7 +104,7 @@ class PretrainDataset(Dataset):
         self.crop_scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
         self.seed = int(seed)
         self.masker = masker
-        self.extras = list(extras) + recipe_extras(data_cfg)
+        self.extras = list(extras) + recipe_extras(data_cfg, recipe.get("heads"))
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
