@@ -78,6 +78,15 @@ def test_the_mae_baseline_has_the_same_384d_decoder(params):
         assert base["data"]["splits"] == ls["data"]["splits"] and base["train"] == ls["train"]
 
 
+def test_vit_l_gets_the_512d_16_head_decoder(params):
+    for name, img in (("longseq_448_l", 448), ("longseq_baseline_l", 224)):
+        r = recipe(params, name, "coco")
+        enc, pix = r["encoder"], r["heads"]["pixel"]
+        assert (enc["img_size"], enc["embed_dim"], enc["depth"], enc["num_heads"]) == (img, 1024, 24, 16)
+        assert (pix["embed_dim"], pix["num_heads"], pix["depth"]) == (512, 16, 8)  # App. A
+        assert r["train"] == recipe(params, "longseq_448", "coco")["train"]
+
+
 def test_imagenet_224_p8_variant(params):
     r = recipe(params, "longseq_224p8", "imagenet")
     assert grid(r) == (28, 28) and r["encoder"]["img_size"] == 224 and kept(r) == 196
