@@ -98,9 +98,8 @@ class BlockMasker(Masker):
         if bh <= 0 or bw <= 0:
             raise ValueError(f"BlockMasker: masker.block must be positive, got {block!r}")
         self.block = (bh, bw)
-        self.num_keep = int(
-            self.num_patches * (1 - self.ratio)
-        )  # MAE's rule on patches (MaskPlan.from_noise)
+        # MAE's rule, on patches (as MaskPlan.from_noise), not on blocks
+        self.num_keep = int(self.num_patches * (1 - self.ratio))
 
     def block_patches(self) -> Tensor:
         """``[n_blocks, bh*bw]`` long: each block's patch ids in raster order, ``-1`` where clipped."""
