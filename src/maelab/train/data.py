@@ -66,10 +66,11 @@ def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "
     return rows.reset_index(drop=True)
 
 
-def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
+def recipe_extras(data_cfg: dict[str, Any], heads: dict[str, Any] | None = None) -> list[SampleExtra]:
     """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, store, ...}`` attaches
     R-MAE's :class:`~maelab.regions.sampling.RegionExtra` reading the region store folder ``store`` (the Kedro
     pretrain node sets it from the ``region_store`` dataset; ``python -m maelab.train`` from the catalog).
+    ``heads`` gives it the region head's mask ratio, so eligibility uses the region plan.
     """
     out: list[SampleExtra] = []
     regions = data_cfg.get("regions")
@@ -81,7 +82,7 @@ def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
                 "recipe data.regions: field 'store' (the region store folder) is not set; run through the "
                 "Kedro pretrain pipeline, which reads it from the region_store dataset"
             )
-        out.append(RegionExtra.from_params(regions))
+        out.append(RegionExtra.from_params(regions, heads=heads))
     return out
 
 
@@ -108,7 +109,7 @@ class PretrainDataset(Dataset):
         self.crop_scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
         self.seed = int(seed)
         self.masker = masker
-        self.extras = list(extras) + recipe_extras(data_cfg)
+        self.extras = list(extras) + recipe_extras(data_cfg, recipe.get("heads"))
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
