@@ -14,7 +14,6 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
+
+from maelab.pools import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def probe_many(
     if workers <= 1 or len(args) < 64:
         return [probe(*a) for a in tqdm(args, **bar)]
     chunk = max(1, min(64, len(args) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         return list(tqdm(pool.map(_probe_star, args, chunksize=chunk), **bar))
 
 

@@ -17,7 +17,6 @@ so a store handle can be shared with DataLoader workers (forked or pickled).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import lzma
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 from kedro.io import AbstractDataset
 
+from maelab.pools import held_lock
 from maelab.regions.sources import RegionSource, storage_dtype
 
 FORMAT_VERSION = 1
@@ -260,15 +260,11 @@ class SourceStore:
         """Exclusive writer lock (``flock`` on ``.lock``): two builds of one store never interleave.
         ``wait=False`` fails at once when another run holds it; ``wait=True`` blocks (shard commits)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RuntimeError(f"{self.path}: another regions run holds the store lock") from None
-            try:
+        try:
+            with held_lock(self.path / ".lock", wait=wait):
                 yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise RuntimeError(f"{self.path}: another regions run holds the store lock") from None
 
     # -- reads -------------------------------------------------------------------------------------------
     def _fd(self, shard: str) -> int:
