@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from maelab.config import project_root
 from maelab.masking.plan import MaskPlan
+from maelab.schema import check_recipe
 from maelab.train import distributed as D
 from maelab.train.checkpoint import (
     load_checkpoint,
@@ -155,6 +156,7 @@ def train(
     ``maelab.masking.build_masker``; extras: sample extras for the dataset (see ``train/data.py``).
     """
     t_start = time.perf_counter()
+    check_recipe(recipe, components=build_model is None and build_masker is None)
     name = recipe.get("name", "recipe")
     tcfg, dcfg, enc = recipe["train"], recipe.get("data", {}), recipe["encoder"]
     if build_model is None or build_masker is None:
