@@ -381,11 +381,14 @@ def train(
             if (ckpt_every and step_done % ckpt_every == 0) or step_done == end:
                 save(step_done)
         status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM turned into an exit: killed, not failed
+        status = "KILLED"
+        raise
     finally:
         if bar is not None:
             bar.close()
         if status != "FINISHED":
-            tracker.end("FAILED")
+            tracker.end(status)
 
     # --- end of run: encoder export, final picture, result
     done = end
