@@ -34,7 +34,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from maelab.transfer.backbone import ENCODER_FIELDS, read_encoder_file, resolve_encoder_path
+from maelab.transfer.backbone import (
+    ENCODER_FIELDS,
+    check_encoder_weights,
+    read_encoder_file,
+    resolve_encoder_path,
+)
 
 DETECTRON2_PREFIX = "backbone.net."
 
@@ -84,6 +89,7 @@ def export_encoder(
             raise ValueError(f"{path}: no encoder_config in the file's metadata and no default config given")
         config = default_config
     config = {k: v for k, v in config.items() if k in ENCODER_FIELDS}
+    check_encoder_weights(state, config, path)
     out = Path(out)
     info = {
         "format": fmt,
