@@ -114,8 +114,8 @@ class IngestSection(_Strict):
     workers: int = Field(2, ge=0)
     min_side: int = Field(16, ge=1)
     cache: str | None = None
-    max_pixels: int | None = Field(None, ge=1)
-    max_file_bytes: int | None = Field(None, ge=1)
+    max_file_mb: int | None = Field(None, ge=1)
+    max_decode_mb: int | None = Field(None, ge=1)
     sources: list[dict[str, Any]] = Field(min_length=1)
 
 
