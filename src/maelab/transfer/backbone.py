@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from maelab.models.vit import ViTEncoder, build_encoder
+from maelab.train.checkpoint import torch_load_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
             meta = dict(f.metadata() or {})
         state = load_file(str(path))
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_weights(path)
         state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
+from maelab.train.checkpoint import save_safetensors
 from maelab.transfer.backbone import (
     ENCODER_FIELDS,
     check_encoder_weights,
@@ -72,6 +72,7 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -99,11 +100,11 @@ def export_encoder(
     }
     if fmt == "timm":
         info["timm_kwargs"] = json.dumps(timm_kwargs(config))
-        _atomic(out, lambda p: save_file(to_timm(state), str(p), metadata=info))
+        save_safetensors(out, to_timm(state), info)
     elif fmt == "detectron2":
         weights = to_detectron2(state)
         if out.suffix == ".safetensors":
-            _atomic(out, lambda p: save_file(weights, str(p), metadata=info))
+            save_safetensors(out, weights, info)
         else:  # detectron2 reads .pth with torch.load; tensors and strings only (weights_only-safe)
             _atomic(out, lambda p: torch.save({"model": weights, "__author__": "maelab", **info}, p))
     else:
