@@ -265,6 +265,11 @@ def load_panoptic(path: str | Path) -> dict:
             c.fail(f"{where}.segments_info", f"expected a list, got {type(segs).__name__}")
         for j, seg in enumerate(segs):
             c.int_id(seg, "id", f"{where}.segments_info[{j}]")
+            if "bbox" in seg:
+                box = c.numbers(seg["bbox"], f"{where}.segments_info[{j}].bbox", 4)
+                c.within(box, -float(MAX_SIDE), 2.0 * MAX_SIDE, f"{where}.segments_info[{j}].bbox", "value")
+            if "area" in seg:
+                c.numbers([seg["area"]], f"{where}.segments_info[{j}].area", 1)
             if c.int_id(seg, "category_id", f"{where}.segments_info[{j}]") not in cat_ids:
                 c.fail(
                     f"{where}.segments_info[{j}].category_id", f"{seg['category_id']} is not in categories"

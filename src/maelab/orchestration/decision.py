@@ -155,4 +155,6 @@ def read_decisions(path: str | Path) -> list[dict[str, Any]]:
                 out.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {i} is not JSON: {err}") from err
+            except RecursionError:
+                raise ValueError(f"{path}: line {i} is JSON nested too deeply to read") from None
     return out
