@@ -93,6 +93,22 @@ class MaskerRange(BaseModel):
     ratio: float = Field(0.75, gt=0.0, lt=1.0)
 
 
+class EncoderRange(BaseModel):
+    """Types and ranges of the encoder keys (its constructor says which keys exist)."""
+
+    model_config = ConfigDict(extra="ignore")
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = Field(16, ge=1)
+    in_chans: int = Field(3, ge=1)
+    embed_dim: int = Field(768, ge=1)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    qkv_bias: bool = True
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    fused_attn: bool = True
+
+
 class PretrainSection(_Strict):
     recipe: str = "mae"
 
@@ -224,6 +240,7 @@ def _check_components(recipe: Mapping[str, Any], where: str) -> None:
     for key in encoder:
         if key not in allowed:
             _unknown(where, f"encoder.{key}", allowed)
+    _model(EncoderRange, encoder, where, "encoder")
     masker = {"type": "random", **(recipe.get("masker") or {})}
     _typed_block(where, "masker", masker, MASKERS, 1, ("type",))
     _model(MaskerRange, masker, where, "masker")

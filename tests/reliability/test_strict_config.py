@@ -57,6 +57,8 @@ def test_unknown_recipe_key_is_named(params: dict, item: str, key: str) -> None:
         ("train.batch_size=0", "train.batch_size", "[1, inf)"),
         ("train.accum_steps=0", "train.accum_steps", "[1, inf)"),
         ("train.precision=fp8", "train.precision", ""),
+        ("encoder.patch_size=0", "encoder.patch_size", "[1, inf)"),
+        ("encoder.depth=x", "encoder.depth", "valid integer"),
     ],
 )
 def test_out_of_range_value_names_key_and_range(params: dict, item: str, key: str, allowed: str) -> None:
