@@ -1,4 +1,5 @@
-"""Kedro hooks: hand the run's config environment to the pipeline registry and the nodes.
+"""Kedro hooks: hand the run's config environment to the pipeline registry and the nodes, and check
+every parameter key before any node runs.
 
 ``run_env`` is a catalog dataset holding the env's name (the pre-training node reads MLflow settings and
 registers encoders for it). ``KEDRO_ENV`` is set as ``kedro run --env`` sets it, for sessions created in
@@ -12,6 +13,8 @@ import os
 from kedro.framework.hooks import hook_impl
 from kedro.io import MemoryDataset
 
+from maelab.schema import check_parameters
+
 
 class ActiveEnvHook:
     def __init__(self) -> None:
@@ -22,6 +25,7 @@ class ActiveEnvHook:
         self.env = context.env
         if context.env:
             os.environ["KEDRO_ENV"] = context.env
+        check_parameters(context.params)  # --params included: a typo stops the run before any work
 
     @hook_impl
     def after_catalog_created(self, catalog) -> None:

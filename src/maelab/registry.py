@@ -64,8 +64,9 @@ def encoder_config(path: str | Path) -> dict[str, Any]:
 def tracking_uri(env: str | None = None) -> str:
     """``$MLFLOW_TRACKING_URI``, else ``tracking_uri`` of ``conf/<env>/mlflow.yml``; relative paths are
     resolved against the project root (``sqlite:///mlruns/mlflow.db`` -> ``sqlite:////<root>/mlruns/mlflow.db``)."""
-    from maelab.train.tracking import mlflow_settings  # the engine's reading of conf/<env>/mlflow.yml
+    from maelab.train.tracking import bounded_http, mlflow_settings  # the engine's reading of mlflow.yml
 
+    bounded_http()  # every registry call goes through here: short timeouts, bounded retries
     uri = mlflow_settings(env)["tracking_uri"]
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import pandas as pd
@@ -116,8 +117,9 @@ def log_to_mlflow(
     import mlflow
 
     from maelab.registry import tracking_uri
-    from maelab.train.tracking import flatten
+    from maelab.train.tracking import bounded_http, flatten
 
+    bounded_http()
     mlflow.set_tracking_uri(tracking_uri())
     try:
         from maelab.config import load_config
@@ -157,7 +159,10 @@ def make_report(
     report = {"rows": rows}
     table = markdown_table(rows)
     fig = plot_vs_gmacs(rows, list(metric_map))
-    if cfg.get("mlflow", True):
-        report_run = log_to_mlflow(report, table, fig, results)
-        log.info("report logged to MLflow run %s", report_run)
+    if cfg.get("mlflow", True):  # an outage must not lose the report: warn and return it for saving
+        try:
+            report_run = log_to_mlflow(report, table, fig, results)
+            log.info("report logged to MLflow run %s", report_run)
+        except Exception as exc:
+            warnings.warn(f"report: MLflow logging failed ({type(exc).__name__}: {exc})", RuntimeWarning, 2)
     return report, table, pd.DataFrame(rows), fig

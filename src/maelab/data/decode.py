@@ -3,7 +3,13 @@
 :func:`load_rgb` is the one way any part of maelab turns a file into RGB pixels, so what ingest
 accepted is exactly what training reads. :func:`probe` runs it once per file during ingest (in a
 process pool, :func:`probe_many`) and :class:`DecodeCache` remembers the outcome keyed by
-``(path, size, mtime_ns)``, so an unchanged file is never decoded twice.
+``(path, size, mtime_ns, ctime_ns, inode)``, so an unchanged file is never decoded twice (``ctime`` cannot
+be restored by ``tar -x`` or ``cp -p``, so a rewritten file with its old size and mtime is decoded again).
+
+Hostile files are quarantined with a reason, never read without bound: only regular files are opened
+(a FIFO or a link to ``/dev/zero`` is refused), reads stop at :attr:`Limits.max_file_bytes`, and a file whose
+decode would need more than :attr:`Limits.max_decode_bytes` (pixels x bytes per pixel, from the header,
+before decoding) is refused. File names that are not valid UTF-8 are refused by name.
 """
 
 from __future__ import annotations
@@ -12,9 +18,9 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +28,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
+
+from maelab.pools import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +58,94 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _open(data: bytes) -> Image.Image:
-    """Decode fully (``load``), with the EXIF orientation applied."""
+def _open(data: bytes, limits: Limits | None = None) -> Image.Image:
+    """Decode fully (``load``), with the EXIF orientation applied; the header is checked against
+    ``limits`` before any pixel is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns on odd EXIF / palette transparency; we convert anyway
         im = Image.open(io.BytesIO(data))
+        check_budget(im, limits or LIMITS)
         im.load()
         return ImageOps.exif_transpose(im)
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one file: bytes read, and bytes a decode may need (pixels x bytes per pixel)."""
+
+    max_file_bytes: int = 256 << 20
+    max_decode_bytes: int = 1 << 30
+
+    @classmethod
+    def from_params(cls, ingest: dict) -> Limits:
+        """From ``ingest.max_file_mb`` / ``ingest.max_decode_mb`` (MiB)."""
+        d = cls()
+        return cls(
+            int(ingest.get("max_file_mb") or d.max_file_bytes >> 20) << 20,
+            int(ingest.get("max_decode_mb") or d.max_decode_bytes >> 20) << 20,
+        )
+
+
+LIMITS = Limits()  # ingest's defaults
+UNLIMITED = Limits(1 << 62, 1 << 62)  # readers of files ingest already accepted (under its own limits)
+
+# decoded bytes per pixel by Pillow mode; 16/32-bit and float modes also pass through float64 in to_rgb
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Peak bytes to decode an image of ``mode`` and size to 8-bit RGB (the decoded frame, any float64
+    rescale, the RGB copy)."""
+    per = _MODE_BYTES.get(mode, 4)
+    if mode.startswith("I") or mode == "F":
+        per += 8
+    return width * height * (per + 3)
+
+
+def read_bounded(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; ``OSError`` with a reason otherwise.
+
+    Opened non-blocking, so a FIFO cannot hang the call; ``fstat`` on the opened descriptor refuses
+    anything but a regular file (a symlink to ``/dev/zero`` is a character device)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = (
+                "FIFO" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) else "special"
+            )
+            raise OSError(f"not a regular file ({kind})")
+        if st.st_size > limit:
+            raise OSError(f"file too large: {st.st_size} bytes > {limit} (ingest.max_file_mb)")
+        chunks, left = [], limit + 1
+        while left > 0:  # the file may grow while read: never take more than limit + 1 bytes
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise OSError(f"file too large: more than {limit} bytes (ingest.max_file_mb)")
+        return data
+    finally:
+        os.close(fd)
+
+
+def check_budget(im: Image.Image, limits: Limits = LIMITS) -> None:
+    """Refuse (``ValueError``) a decode that would need more than ``limits.max_decode_bytes``."""
+    need = decode_bytes(im.mode, *im.size)
+    if need > limits.max_decode_bytes:
+        w, h = im.size
+        raise ValueError(
+            f"over the decode budget: {w}x{h} {im.mode} needs {need >> 20} MiB > "
+            f"{limits.max_decode_bytes >> 20} MiB (ingest.max_decode_mb)"
+        )
+
+
+def load_rgb(path: str | Path, limits: Limits = UNLIMITED) -> Image.Image:
     """The image at ``path`` as an EXIF-upright 8-bit RGB ``PIL.Image`` (raises on a bad file)."""
-    return to_rgb(_open(Path(path).read_bytes()))
+    return to_rgb(_open(read_bounded(path, limits.max_file_bytes), limits))
 
 
 @dataclass(frozen=True)
@@ -75,7 +159,11 @@ class Probe:
     reason: str
 
 
-def probe(path: str, mask_path: str | None = None, min_side: int = 16) -> Probe:
+BUDGET_PREFIX = "over the decode budget"  # reasons that depend on the limits: never cached
+TOO_LARGE_PREFIX = "unreadable: file too large"
+
+
+def probe(path: str, mask_path: str | None = None, min_side: int = 16, limits: Limits = LIMITS) -> Probe:
     """Decode ``path`` once; never raises. A mask (if any) must exist and match the upright image size."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # set globally by some other code: truncated files would pass
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; ingest needs it False")
@@ -84,7 +172,11 @@ def probe(path: str, mask_path: str | None = None, min_side: int = 16) -> Probe:
         return Probe(w, h, digest, False, reason)
 
     try:
-        data = Path(path).read_bytes()
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return bad("file name is not valid UTF-8")
+    try:
+        data = read_bounded(path, limits.max_file_bytes)
     except FileNotFoundError:
         return bad("missing file")
     except OSError as e:
@@ -93,12 +185,14 @@ def probe(path: str, mask_path: str | None = None, min_side: int = 16) -> Probe:
         return bad("empty file (0 bytes)")
     digest = hashlib.sha1(data).hexdigest()
     try:
-        rgb = to_rgb(_open(data))
+        rgb = to_rgb(_open(data, limits))
     except UnidentifiedImageError:
         return bad("not an image (unknown format)", digest=digest)
     except Image.DecompressionBombError as e:
         return bad(f"too large: {e}", digest=digest)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if str(e).startswith(BUDGET_PREFIX):
+            return bad(str(e), digest=digest)
         text = str(e).split("\n")[0]
         kind = "truncated" if "truncated" in text.lower() or isinstance(e, EOFError) else "corrupt"
         return bad(f"{kind}: {text}", digest=digest)
@@ -107,7 +201,7 @@ def probe(path: str, mask_path: str | None = None, min_side: int = 16) -> Probe:
     w, h = rgb.size
     if mask_path is not None:
         try:
-            with Image.open(mask_path) as m:  # header only: size check, no decode
+            with Image.open(io.BytesIO(read_bounded(mask_path, limits.max_file_bytes))) as m:  # header only
                 mw, mh = m.size
         except FileNotFoundError:
             return bad(f"missing mask {Path(mask_path).name}", w, h, digest)
@@ -118,26 +212,30 @@ def probe(path: str, mask_path: str | None = None, min_side: int = 16) -> Probe:
     return with_min_side(Probe(w, h, digest, True, ""), min_side)
 
 
-def _probe_star(job: tuple[str, str | None, int]) -> Probe:
+def _probe_star(job: tuple[str, str | None, int, Limits]) -> Probe:
     return probe(*job)
 
 
 def probe_many(
-    jobs: list[tuple[str, str | None]], min_side: int = 16, workers: int = 2, desc: str = "decode"
+    jobs: list[tuple[str, str | None]],
+    min_side: int = 16,
+    workers: int = 2,
+    desc: str = "decode",
+    limits: Limits = LIMITS,
 ) -> list[Probe]:
     """:func:`probe` every ``(path, mask_path)`` in a process pool (``workers <= 1``: in-process)."""
-    args = [(p, m, min_side) for p, m in jobs]
+    args = [(p, m, min_side, limits) for p, m in jobs]
     bar = dict(total=len(args), desc=desc, unit="img", mininterval=0.5, disable=not args)
     if workers <= 1 or len(args) < 64:
         return [probe(*a) for a in tqdm(args, **bar)]
     chunk = max(1, min(64, len(args) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         return list(tqdm(pool.map(_probe_star, args, chunksize=chunk), **bar))
 
 
 # --------------------------------------------------------------------------------------------- cache
 CACHE_COLUMNS = {
-    "key": "string",  # "path|size|mtime_ns|mask stat"
+    "key": "string",  # "path|size|mtime_ns|ctime_ns|inode|mask stat"
     "width": "int32",
     "height": "int32",
     "content_hash": "string",
@@ -149,13 +247,14 @@ CACHE_COLUMNS = {
 def _stat_key(path: str) -> str:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return "missing"
-    return f"{st.st_size}|{st.st_mtime_ns}"
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
 
 
 def cache_key(path: str, mask_path: str | None) -> str:
-    """``(path, size, mtime_ns)`` of the image (and of its mask): a changed file gets a new key."""
+    """``(path, size, mtime_ns, ctime_ns, inode)`` of the image (and of its mask): a changed file gets a
+    new key, even one rewritten with its old size and a restored mtime (the kernel sets ctime)."""
     key = f"{path}|{_stat_key(path)}"
     return key if mask_path is None else f"{key}|{mask_path}|{_stat_key(mask_path)}"
 
@@ -206,17 +305,20 @@ def decode_all(
     cache_path: str | Path | None,
     min_side: int = 16,
     workers: int = 2,
+    limits: Limits = LIMITS,
 ) -> tuple[list[Probe], dict[str, int]]:
     """Probe every ``(path, mask_path)``, decoding only those not in the cache. Returns probes and counts."""
     cache = DecodeCache(cache_path)
     keys = [cache_key(p, m) for p, m in jobs]
     results: dict[int, Probe] = {i: cache.entries[k] for i, k in enumerate(keys) if k in cache.entries}
     todo = [i for i in range(len(jobs)) if i not in results]
-    fresh = probe_many([jobs[i] for i in todo], min_side=0, workers=workers)
+    fresh = probe_many([jobs[i] for i in todo], min_side=0, workers=workers, limits=limits)
     for i, p in zip(
         todo, fresh, strict=True
     ):  # a file that appears later gets a new key: absence is cacheable
-        results[i] = cache.entries[keys[i]] = p
+        results[i] = p
+        if not p.reason.startswith((BUDGET_PREFIX, TOO_LARGE_PREFIX)):  # those change with the limits
+            cache.entries[keys[i]] = p
     cache.save(keys)
     probes = [with_min_side(results[i], min_side) for i in range(len(jobs))]
     return probes, {"decoded": len(todo), "cached": len(jobs) - len(todo)}

@@ -30,7 +30,6 @@ import os
 import shutil
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -42,6 +41,7 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from maelab.data.cocojson import write_json
+from maelab.pools import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def generate(root: str | Path, cfg: ScenesConfig, workers: int = 2) -> dict[str,
     if workers <= 1 or len(jobs) < 64:
         results = [_write_one(j) for j in tqdm(jobs, **bar)]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             chunk = max(1, min(32, len(jobs) // (workers * 8)))
             results = list(tqdm(pool.map(_write_one, jobs, chunksize=chunk), **bar))
     files = []

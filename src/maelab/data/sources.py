@@ -22,6 +22,7 @@ Layouts (what each reader expects under ``root``):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,13 +36,16 @@ from maelab.data.cocojson import AnnotationError, load_instances, load_panoptic
 from maelab.data.decode import is_image_name
 from maelab.data.scenes import ScenesConfig
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test", "unlabeled")
 
 
 @dataclass
 class Listing:
     """Candidate rows of one source (manifest columns minus the decoded ones, plus absolute ``file`` and
-    ``mask_file``, and the JSON's ``json_width``/``json_height`` where stated) and its COCO-format JSON."""
+    ``mask_file``, the JSON's ``json_width``/``json_height`` where stated, and ``reject``: a reason to
+    quarantine the file unread, e.g. a name that is not UTF-8) and its COCO-format JSON."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     # output stem (e.g. "instances_coco_val") -> {"source", "split", "root", "kind", "data"}
@@ -63,6 +67,11 @@ class Listing:
         if str(cfg["root"]) not in self._bases:
             self._bases[str(cfg["root"])] = resolve_root(cfg["root"])
         base = self._bases[str(cfg["root"])]
+        # a name that is not valid UTF-8 cannot enter a manifest (pyarrow): shown escaped, rejected by name
+        reject = None if printable(path) == path else "file name is not valid UTF-8"
+        native_id, path = printable(str(native_id)), printable(path)
+        file = str(base / path)
+        label_name = None if label_name is None else printable(label_name)
         self.rows.append(
             {
                 "image_id": f"{source_name(cfg)}:{split}:{native_id}",
@@ -74,10 +83,11 @@ class Listing:
                 "label_name": label_name,
                 "mask_path": mask_path,
                 "ann_id": ann_id,
-                "file": str(base / path),
+                "file": file,
                 "mask_file": None if mask_path is None else str(base / mask_path),
                 "json_width": None if size is None else size[0],
                 "json_height": None if size is None else size[1],
+                "reject": reject,
             }
         )
 
@@ -90,6 +100,31 @@ class Listing:
             "kind": kind,
             "data": data,
         }
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8: bytes that are not (kept by Python as surrogates) shown as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def same_files(files: list[str]) -> dict[int, int]:
+    """``{i: j}`` for each ``files[i]`` that is the same file as an earlier ``files[j]`` (same device and
+    inode: hard links and symlinks included); missing files are skipped."""
+    first: dict[tuple[int, int], int] = {}
+    out = {}
+    for i, f in enumerate(files):
+        try:
+            st = os.stat(f)
+        except (OSError, ValueError):
+            continue
+        j = first.setdefault((st.st_dev, st.st_ino), i)
+        if j != i:
+            out[i] = j
+    return out
 
 
 def source_name(cfg: dict) -> str:
@@ -235,6 +270,17 @@ def _class_names(cfg: dict) -> dict[str, str]:
     return names
 
 
+def _class_dirs(split_dir: Path) -> list[Path]:
+    """Class folders of a split, sorted: real directories (not symlinks) with at least one image."""
+    found = []
+    for d in sorted(split_dir.iterdir()):
+        if d.is_symlink():
+            log.warning("imagefolder source: %s is a symlink; not followed", printable(str(d)))
+        elif d.is_dir() and not d.name.startswith(".") and _list_images(d):
+            found.append(d)
+    return found
+
+
 def read_imagefolder(cfg: dict) -> Listing:
     root, out = _need_dir(cfg, resolve_root(cfg["root"]), "root"), Listing()
     folders = cfg.get("split_dirs") or {s: s for s in SPLITS if (root / s).is_dir()}
@@ -242,15 +288,14 @@ def read_imagefolder(cfg: dict) -> Listing:
     if not splits:
         raise FileNotFoundError(f"imagefolder source: no train/ or val/ folder under {root}")
     class_split = "train" if "train" in folders else splits[0]
-    classes = sorted(
-        d.name for d in _need_dir(cfg, root / folders[class_split], "split").iterdir() if d.is_dir()
-    )
+    # a class is a real folder (a symlinked one, e.g. ``loop -> .``, is skipped) holding at least one image
+    classes = sorted(d.name for d in _class_dirs(_need_dir(cfg, root / folders[class_split], "split")))
     if not classes:
         raise FileNotFoundError(f"imagefolder source: no class folders in {root / folders[class_split]}")
     index, names = {c: i for i, c in enumerate(classes)}, _class_names(cfg)
     for split in splits:
         base = _need_dir(cfg, root / folders[split], "split")
-        for d in sorted(p for p in base.iterdir() if p.is_dir()):
+        for d in _class_dirs(base):
             if d.name not in index:
                 raise ValueError(
                     f"imagefolder source: {folders[split]}/{d.name} is not a class of {class_split}/"

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maelab.pools import held_lock
+
 DECISIONS_FILE = "data/08_reporting/retrain_decisions.jsonl"
 
 
@@ -122,15 +124,23 @@ class DecisionRecord:
 
 
 def append_decision(record: DecisionRecord, path: str | Path) -> Path:
-    """Append one JSON line; the file is rewritten atomically so a crash never truncates the log."""
+    """Append one JSON line under an exclusive lock (``.<name>.lock``): concurrent writers never lose a
+    record, earlier lines are never rewritten, and a line torn by a crash is closed before the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(old + record.to_json() + "\n")
-    os.replace(tmp, path)
+    line = (record.to_json() + "\n").encode()
+    with held_lock(path.with_name(f".{path.name}.lock"), wait=True):
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path
 
 
@@ -145,4 +155,6 @@ def read_decisions(path: str | Path) -> list[dict[str, Any]]:
                 out.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {i} is not JSON: {err}") from err
+            except RecursionError:
+                raise ValueError(f"{path}: line {i} is JSON nested too deeply to read") from None
     return out

@@ -17,13 +17,14 @@ import hashlib
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from maelab.data.manifest import image_path
+from maelab.pools import worker_pool
 from maelab.regions.sources import RegionSource, read_rgb
 from maelab.regions.store import SourceStore, encode, make_records, write_shard
 
@@ -182,8 +183,7 @@ def _run_pool(
     commit: Callable[[list[dict[str, Any]]], None],
 ) -> None:
     n = min(workers or mp.cpu_count(), len(chunks))
-    ctx = mp.get_context(mp_context) if mp_context else None
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(source,))
+    pool = worker_pool(n, initializer=_init_worker, initargs=(source,), mp_context=mp_context)
     try:
         futures: dict[Future, int] = {
             pool.submit(_run_shard, c, store.shard_dir, codec): len(c) for c in chunks

@@ -10,20 +10,21 @@ A record is one image's ``[S, H, W]`` maps (uint16, or int32 past 65535 labels),
 ``codec`` (lzma preset 1 by default: label maps are long runs, ~100x smaller than raw uint16).
 Writes are atomic: a shard is written to a temp file and ``os.replace``d; the index is rewritten the same
 way only after its shards are on disk, so a killed run leaves at worst an unreferenced shard (removed by the
-next run's :meth:`SourceStore.gc`). Reads use ``os.pread`` on shards opened lazily once per process,
-so a store handle can be shared with DataLoader workers (forked or pickled).
+next run's :meth:`SourceStore.gc`). Reads use ``os.pread`` on shards opened lazily per process and kept in
+a small LRU (:data:`MAX_OPEN_SHARDS` descriptors per store and process, whatever the shard count), so a store
+handle can be shared with DataLoader workers (forked or pickled) under a low ``ulimit -n``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import lzma
 import os
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 from kedro.io import AbstractDataset
 
+from maelab.pools import held_lock
 from maelab.regions.sources import RegionSource, storage_dtype
 
 FORMAT_VERSION = 1
@@ -54,6 +56,7 @@ INDEX_COLUMNS: dict[str, str] = {
 }
 
 CODECS = ("lzma", "zlib")
+MAX_OPEN_SHARDS = 32  # shard descriptors one store keeps open per process (LRU); ImageNet has ~5,000 shards
 
 
 def _tmp_path(path: Path) -> Path:
@@ -150,7 +153,7 @@ class SourceStore:
         self._index: pd.DataFrame | None = None
         self._rows: dict[str, int] | None = None
         self._cols: dict[str, np.ndarray] = {}
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()  # shard -> fd, least recently used first
         self._pid = os.getpid()
 
     # -- index -------------------------------------------------------------------------------------------
@@ -260,30 +263,31 @@ class SourceStore:
         """Exclusive writer lock (``flock`` on ``.lock``): two builds of one store never interleave.
         ``wait=False`` fails at once when another run holds it; ``wait=True`` blocks (shard commits)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RuntimeError(f"{self.path}: another regions run holds the store lock") from None
-            try:
+        try:
+            with held_lock(self.path / ".lock", wait=wait):
                 yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise RuntimeError(f"{self.path}: another regions run holds the store lock") from None
 
     # -- reads -------------------------------------------------------------------------------------------
     def _fd(self, shard: str) -> int:
         if self._pid != os.getpid():  # forked into a DataLoader worker: open our own descriptors
-            self._fds, self._pid = {}, os.getpid()
+            self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.get(shard)
-        if fd is None:
-            path = self.shard_dir / shard
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"{path}: shard listed in {self.index_path} (field 'shard') is missing"
-                ) from None
-            self._fds[shard] = fd
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        while len(self._fds) >= MAX_OPEN_SHARDS:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        path = self.shard_dir / shard
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: shard listed in {self.index_path} (field 'shard') is missing"
+            ) from None
+        self._fds[shard] = fd
         return fd
 
     def get(self, image_id: str) -> np.ndarray:
@@ -302,7 +306,7 @@ class SourceStore:
             for fd in self._fds.values():
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._fds = {}
+        self._fds = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}  # descriptors and the cached index are per process

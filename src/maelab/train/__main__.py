@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from maelab.config import load_recipe
+from maelab.schema import check_recipe
 
 
 def apply_sets(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         regions["store"] = str(
             (root if root.is_absolute() else project_root() / root) / regions.get("source", "fh")
         )
+    check_recipe(recipe)  # a misspelt --set key or an out-of-range value stops here, naming it
 
     from maelab.train import distributed
     from maelab.train.data import read_manifest

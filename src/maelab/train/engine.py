@@ -31,9 +31,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from maelab.config import project_root
 from maelab.masking.plan import MaskPlan
+from maelab.pools import held_lock
+from maelab.schema import check_recipe
 from maelab.train import distributed as D
 from maelab.train.checkpoint import (
     load_checkpoint,
+    remove_stale_temps,
     rng_state,
     save_checkpoint,
     save_safetensors,
@@ -131,7 +134,26 @@ def default_builders() -> tuple[Callable, Callable]:
     return build_pretrainer, build_masker
 
 
-def train(
+def train(recipe: dict[str, Any], manifest: pd.DataFrame | None = None, **kw: Any) -> TrainResult:
+    """Train ``recipe``: checks it, then holds the output directory's lock for the whole run (two trainings
+    never write one folder) and removes the temp files killed runs left there. See :func:`_train`."""
+    check_recipe(recipe, components=kw.get("build_model") is None and kw.get("build_masker") is None)
+    out = Path(kw["out_dir"]) if kw.get("out_dir") else out_dir_for(recipe)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the lock for all
+        return _train(recipe, manifest, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with held_lock(out / ".lock"):
+            for f in remove_stale_temps(out):
+                log.info("removed %s, left by a killed run", f)
+            return _train(recipe, manifest, **kw)
+    except BlockingIOError:
+        raise RuntimeError(
+            f"{out}: another training writes to this output directory (lock {out / '.lock'})"
+        ) from None
+
+
+def _train(
     recipe: dict[str, Any],
     manifest: pd.DataFrame | None = None,
     *,
@@ -206,7 +228,7 @@ def train(
     history: dict[str, list[float]] = {"loss": [], "lr": []}
     state = None
     if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path, required=("model", "optimizer", "step", "data", "history", "rng"))
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -221,6 +243,16 @@ def train(
                 state.get("batch_size"),
                 dist.world_size,
                 batch_size,
+            )
+        saved = state.get("schedule")
+        now = {"total": total, "warmup": warmup, "lr": lr, "min_lr": schedule.min_lr}
+        if saved is not None and saved != now:
+            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+            log.warning(
+                "%s: resuming with a different schedule (%s; train.steps / blr / lr / warm-up changed): the "
+                "run continues on the new schedule and no longer reproduces the original one",
+                ckpt_path,
+                changed,
             )
         log.info("resumed %s at step %d (epoch %d)", ckpt_path, start_step, consumed // batches_per_epoch)
     elif resume:
@@ -270,6 +302,7 @@ def train(
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "step": step_done,
                     "total_steps": total,
+                    "schedule": {"total": total, "warmup": warmup, "lr": lr, "min_lr": schedule.min_lr},
                     "data": {
                         "epoch": consumed // batches_per_epoch,
                         "batch": consumed % batches_per_epoch,
@@ -379,11 +412,14 @@ def train(
             if (ckpt_every and step_done % ckpt_every == 0) or step_done == end:
                 save(step_done)
         status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM turned into an exit: killed, not failed
+        status = "KILLED"
+        raise
     finally:
         if bar is not None:
             bar.close()
         if status != "FINISHED":
-            tracker.end("FAILED")
+            tracker.end(status)
 
     # --- end of run: encoder export, final picture, result
     done = end

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from maelab.models.vit import ViTEncoder, build_encoder
+from maelab.train.checkpoint import torch_load_weights
 from maelab.transfer.config import FineTuneLoopConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
             meta = dict(f.metadata() or {})
         state = load_file(str(path))
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_weights(path)
         state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
@@ -76,6 +77,75 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: metadata field encoder_config is not JSON: {err}") from None
     return state, config, meta
+
+
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every ``ViTEncoder`` state-dict key and its shape for ``config``, computed without building it."""
+    try:
+        size = config.get("img_size", 224)
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        p, c = int(config.get("patch_size", 16)), int(config.get("in_chans", 3))
+        d, depth = int(config.get("embed_dim", 768)), int(config.get("depth", 12))
+        hidden = int(d * float(config.get("mlp_ratio", 4.0)))
+    except (TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"encoder_config {config}: {err}") from None
+    if min(h, w, p, c, d, depth, hidden) <= 0:
+        raise ValueError(f"encoder_config {config}: sizes must be positive")
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, 1 + (h // p) * (w // p), d),
+        "patch_embed.proj.weight": (d, c, p, p),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
+    per_block = {
+        "norm1.weight": (d,),
+        "norm1.bias": (d,),
+        "attn.qkv.weight": (3 * d, d),
+        "attn.proj.weight": (d, d),
+        "attn.proj.bias": (d,),
+        "norm2.weight": (d,),
+        "norm2.bias": (d,),
+        "mlp.fc1.weight": (hidden, d),
+        "mlp.fc1.bias": (hidden,),
+        "mlp.fc2.weight": (d, hidden),
+        "mlp.fc2.bias": (d,),
+    }
+    if config.get("qkv_bias", True):
+        per_block["attn.qkv.bias"] = (3 * d,)
+    for i in range(depth):
+        shapes.update({f"blocks.{i}.{k}": v for k, v in per_block.items()})
+    return shapes
+
+
+def check_encoder_weights(state: dict[str, Tensor], config: dict[str, Any], path: str | Path) -> None:
+    """The file's tensors are exactly what ``config`` describes (keys, shapes, finite floats): checked
+    before any model is built, so metadata that lies cannot make us allocate a model the file cannot fill.
+    ``pos_embed`` may hold another square grid (it is interpolated on load)."""
+    want = expected_shapes(config)
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: state dict does not match encoder_config {config}: missing {missing[:5]}"
+            f"{f' (+{len(missing) - 5})' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    for key, shape in want.items():
+        t = state[key]
+        got = tuple(t.shape)
+        if key == "pos_embed" and len(got) == 3 and got[0] == 1 and got[2] == shape[2]:
+            side = round((got[1] - 1) ** 0.5)
+            if side * side == got[1] - 1:
+                shape = got
+        if got != shape:
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {list(got)}, encoder_config says {list(shape)}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected a float")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
 
 
 # ------------------------------------------------------------------------------ interpolation
@@ -158,6 +228,8 @@ def load_encoder(
     path = resolve_encoder_path(ref)
     state, file_cfg, meta = read_encoder_file(path) if path is not None else ({}, None, {})
     cfg = encoder_config(path, default_config, file_cfg)
+    if state:
+        check_encoder_weights(state, cfg, path)  # before build_encoder allocates anything
     overrides = {"drop_path_rate": float(drop_path_rate)}
     if img_size is not None:
         overrides["img_size"] = int(img_size)

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from maelab.data.cocojson import check_instances
 from maelab.data.decode import load_rgb
 from maelab.data.manifest import image_path, mask_file
 from maelab.data.view import View
@@ -251,6 +252,7 @@ class DetectionSet(Dataset):
     ):
         from pycocotools import mask as mask_utils
 
+        check_instances(coco, source_name)  # bad geometry or RLE fails here, before pycocotools allocates
         self.mask_utils = mask_utils
         self.rows, self.size, self.train, self.lsj, self.seed, self.epoch = (
             rows,

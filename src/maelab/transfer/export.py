@@ -31,10 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from maelab.transfer.backbone import ENCODER_FIELDS, read_encoder_file, resolve_encoder_path
+from maelab.train.checkpoint import save_safetensors
+from maelab.transfer.backbone import (
+    ENCODER_FIELDS,
+    check_encoder_weights,
+    read_encoder_file,
+    resolve_encoder_path,
+)
 
 DETECTRON2_PREFIX = "backbone.net."
 
@@ -67,6 +72,7 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -84,6 +90,7 @@ def export_encoder(
             raise ValueError(f"{path}: no encoder_config in the file's metadata and no default config given")
         config = default_config
     config = {k: v for k, v in config.items() if k in ENCODER_FIELDS}
+    check_encoder_weights(state, config, path)
     out = Path(out)
     info = {
         "format": fmt,
@@ -93,11 +100,11 @@ def export_encoder(
     }
     if fmt == "timm":
         info["timm_kwargs"] = json.dumps(timm_kwargs(config))
-        _atomic(out, lambda p: save_file(to_timm(state), str(p), metadata=info))
+        save_safetensors(out, to_timm(state), info)
     elif fmt == "detectron2":
         weights = to_detectron2(state)
         if out.suffix == ".safetensors":
-            _atomic(out, lambda p: save_file(weights, str(p), metadata=info))
+            save_safetensors(out, weights, info)
         else:  # detectron2 reads .pth with torch.load; tensors and strings only (weights_only-safe)
             _atomic(out, lambda p: torch.save({"model": weights, "__author__": "maelab", **info}, p))
     else:

@@ -13,11 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from maelab.data.decode import decode_all
+from maelab.data.decode import Limits, Probe, decode_all
 from maelab.data.manifest import conform
 from maelab.data.photos import DEFAULT_PHOTOS, copy_skimage_photos
 from maelab.data.scenes import ScenesConfig, generate
-from maelab.data.sources import Listing, read_source, resolve_root, source_name
+from maelab.data.sources import Listing, read_source, resolve_root, same_files, source_name
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,21 @@ def list_images(ingest: dict[str, Any], prepared: dict[str, Any]) -> tuple[pd.Da
 def decode_images(candidates: pd.DataFrame, ingest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Decode each candidate once (cached by path, size, mtime_ns). Returns per-row probes and timing."""
     t0 = time.perf_counter()
+    reject = candidates["reject"] if "reject" in candidates else pd.Series(None, index=candidates.index)
+    keep = reject.isna().to_numpy()
     jobs = [
         (f, None if pd.isna(m) else m)
-        for f, m in zip(candidates["file"], candidates["mask_file"], strict=True)
+        for f, m in zip(candidates["file"][keep], candidates["mask_file"][keep], strict=True)
     ]
-    probes, counts = decode_all(
+    probed, counts = decode_all(
         jobs,
         cache_path=resolve_root(ingest.get("cache", "data/02_intermediate/decode_cache.parquet")),
         min_side=int(ingest.get("min_side", 16)),
         workers=int(ingest.get("workers", 2)),
+        limits=Limits.from_params(ingest),
     )
+    it = iter(probed)  # rejected rows (e.g. a name that is not UTF-8) are quarantined unread
+    probes = [next(it) if k else Probe(0, 0, "", False, str(r)) for k, r in zip(keep, reject, strict=True)]
     seconds = time.perf_counter() - t0
     decoded = pd.DataFrame(
         [asdict(p) for p in probes], columns=["width", "height", "content_hash", "ok", "reason"]
@@ -111,6 +116,9 @@ def build_manifest(candidates: pd.DataFrame, decoded: pd.DataFrame) -> tuple[pd.
             for a, b, c, d in zip(df.loc[off, "width"], df.loc[off, "height"], w[off], h[off], strict=True)
         ]
         df.loc[off, "ok"] = False
+    ok = df.index[df["ok"]]
+    for i, j in same_files(df.loc[ok, "file"].tolist()).items():  # one file under two ids: keep the first
+        df.loc[ok[i], ["ok", "reason"]] = [False, f"same file as {df.loc[ok[j], 'image_id']}"]
     good, bad = df[df["ok"]], df[~df["ok"]]
     quarantine = pd.DataFrame(
         {
