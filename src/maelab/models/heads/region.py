@@ -60,8 +60,7 @@ def region_plan(plan: MaskPlan, ratio: float | None) -> MaskPlan:
     num_keep = int(n * (1 - float(ratio)))
     if num_keep == plan.num_keep:
         return plan
-    ids_shuffle = torch.argsort(plan.ids_restore, dim=-1)  # inverse permutation = the plan's shuffle
-    return MaskPlan.from_shuffle(ids_shuffle, num_keep)
+    return plan.recut(num_keep)
 
 
 def mask_fill(x: Tensor, ids_restore: Tensor, mask_token: Tensor) -> Tensor:
