@@ -1,7 +1,7 @@
 import warnings
 
 import pytest
-from fake_parts import build_masker, build_pretrainer, tiny_recipe
+from fake_parts import build_pretrainer, tiny_recipe
 
 from maelab.train.engine import train
 from maelab.train.tracking import mlflow_settings, resolve_uri
@@ -14,7 +14,6 @@ def run(recipe, manifest, out, mlflow):
         out_dir=out,
         mlflow=mlflow,
         build_model=build_pretrainer,
-        build_masker=build_masker,
         progress=False,
     )
 

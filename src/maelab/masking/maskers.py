@@ -2,8 +2,11 @@
 
 Maskers that need only the patch grid (``in_step = False``) run in the DataLoader workers and return
 ``[L]`` plans that ``MaskPlan.collate`` stacks. A masker that needs the model's own features (the
-self-guided "informed" masker) sets ``in_step = True`` and implements ``plan_batch(model, batch)``,
-which the Pretrainer calls inside the training step when the batch carries no plan.
+self-guided "informed" masker) sets ``in_step = True`` and implements ``plan_batch(batch, context)``,
+which the Pretrainer calls inside the training step when the batch carries no plan; ``context.model``
+is then the model. Both kinds get a :class:`~maelab.masking.context.MaskContext` (step, epoch, total
+steps), so a masker may change with training progress. One masker per run: the model's own
+(``Pretrainer.masker``), which the engine hands to the dataset.
 
 LoMaR (Chen et al. 2022, §3) fits the same shape: a window masker samples ``n`` windows of ``k x k``
 patches and masks a ratio inside each. It would return a ``MaskPlan`` subclass whose tensors are
@@ -18,13 +21,14 @@ from typing import Any
 
 import torch
 
+from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
 
 Grid = tuple[int, int]
 
 
 class Masker:
-    """Base class: ``masker(generator) -> MaskPlan`` with ``[L]`` tensors for a ``grid = (gh, gw)``."""
+    """Base class: ``masker(generator, context) -> MaskPlan``, ``[L]`` tensors for a ``grid = (gh, gw)``."""
 
     in_step: bool = False
 
@@ -38,11 +42,13 @@ class Masker:
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def __call__(self, generator: torch.Generator | None = None) -> MaskPlan:
+    def __call__(
+        self, generator: torch.Generator | None = None, context: MaskContext | None = None
+    ) -> MaskPlan:
         raise NotImplementedError(f"{type(self).__name__} makes its plan inside the step (plan_batch)")
 
-    def plan_batch(self, model: torch.nn.Module, batch: dict[str, Any]) -> MaskPlan:
-        """In-step maskers: a ``[B, L]`` plan from the model and the batch."""
+    def plan_batch(self, batch: dict[str, Any], context: MaskContext) -> MaskPlan:
+        """In-step maskers: a ``[B, L]`` plan from the batch and ``context.model``."""
         raise NotImplementedError(f"{type(self).__name__} runs in the DataLoader workers, not in the step")
 
     def __repr__(self) -> str:
@@ -64,7 +70,9 @@ class RandomMasker(Masker):
         super().__init__(grid)
         self.ratio = _check_ratio("RandomMasker", ratio)
 
-    def __call__(self, generator: torch.Generator | None = None) -> MaskPlan:
+    def __call__(
+        self, generator: torch.Generator | None = None, context: MaskContext | None = None
+    ) -> MaskPlan:
         noise = torch.rand(self.num_patches, generator=generator)  # [L]
         return MaskPlan.from_noise(noise, self.ratio)
 
@@ -86,7 +94,9 @@ class BlockMasker(Masker):
             raise ValueError(f"BlockMasker: masker.block {block!r} must divide the patch grid {self.grid}")
         self.block = (bh, bw)
 
-    def __call__(self, generator: torch.Generator | None = None) -> MaskPlan:
+    def __call__(
+        self, generator: torch.Generator | None = None, context: MaskContext | None = None
+    ) -> MaskPlan:
         (gh, gw), (bh, bw) = self.grid, self.block
         nh, nw = gh // bh, gw // bw
         block_plan = MaskPlan.from_noise(torch.rand(nh * nw, generator=generator), self.ratio)

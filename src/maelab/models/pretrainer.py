@@ -6,13 +6,13 @@ MAE is the recipe ``masker: random`` + ``heads: {pixel: pixel_decoder}``; nothin
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from maelab.masking import Masker, build_masker
+from maelab.masking import MaskContext, Masker, build_masker
 from maelab.masking.plan import MaskPlan
 from maelab.models.heads import HEADS, Head, PixelDecoderHead, build_head
 from maelab.models.vit import ViTEncoder, build_encoder
@@ -29,7 +29,8 @@ class PretrainOutput:
 class Pretrainer(nn.Module):
     """Encoder + named heads.
 
-    ``forward(batch)``: batch = dict(image=[B, C, H, W], plan=MaskPlan [B, L], ...extras).
+    ``forward(batch)``: batch = dict(image=[B, C, H, W], plan=MaskPlan [B, L], ...extras). Without a plan,
+    the recipe's in-step masker makes one from ``batch["context"]`` (a ``MaskContext``) and this model.
 
     Heads run in ascending ``priority`` (a head attribute, default 0; ties keep recipe order) and see a
     fresh per-step dict ``batch["shared"]`` through which a head may hand tensors to the heads after it
@@ -64,7 +65,7 @@ class Pretrainer(nn.Module):
         if plan is not None:
             return plan
         if self.masker is not None and self.masker.in_step:
-            return self.masker.plan_batch(self, batch)
+            return self.masker.plan_batch(batch, replace(batch.get("context") or MaskContext(), model=self))
         raise KeyError("batch has no 'plan' and the recipe's masker does not run in the step")
 
     def forward(self, batch: dict[str, Any]) -> PretrainOutput:

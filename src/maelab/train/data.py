@@ -4,7 +4,8 @@ Reproducibility: every random draw of a sample (crop, flip, mask, extras) comes 
 ``torch.Generator`` seeded from ``(seed, epoch, index)``, inside the worker. A run therefore
 sees the same samples whatever ``num_workers`` is, and resuming needs only the data position
 ``(epoch, batch in epoch)``: the sampler re-creates the epoch's permutation and skips the
-consumed batches without decoding them.
+consumed batches without decoding them. The sampler also says which batch of the run a sample
+belongs to, so the masker gets the optimiser step it masks for (``MaskContext``).
 
 Sample extras (plug-ins): ``extra(sample, row, view, generator) -> None`` adds keys to the
 sample dict, after the image and plan are made. It must apply ``view`` to anything aligned
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from maelab.data.decode import load_rgb
 from maelab.data.manifest import image_path
 from maelab.data.view import View
+from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,7 +83,8 @@ def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
 
 
 class PretrainDataset(Dataset):
-    """Map-style dataset indexed by ``(epoch, index)`` (what :class:`EpochBatchSampler` yields).
+    """Map-style dataset indexed by ``(epoch, index[, batch])`` (what :class:`EpochBatchSampler` yields;
+    ``batch``: the run's micro-batch number, so the masker's context has ``step = batch // accum_steps``).
 
     A sample: ``image [3, H, W]`` float (ImageNet-normalised), ``plan`` (``MaskPlan [L]``, absent
     when the masker runs in the step), ``index``, ``image_id``, plus what the extras add.
@@ -104,6 +107,7 @@ class PretrainDataset(Dataset):
         self.seed = int(seed)
         self.masker = masker
         self.extras = list(extras) + recipe_extras(data_cfg)
+        self.accum_steps, self.total_steps = 1, 0  # the engine sets them once the run's length is known
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -122,8 +126,11 @@ class PretrainDataset(Dataset):
             ) from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
+    def context(self, epoch: int, batch: int) -> MaskContext:
+        return MaskContext(step=batch // self.accum_steps, epoch=epoch, total_steps=self.total_steps)
+
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        epoch, index, batch = key if len(key) == 3 else (*key, 0)
         row = self.rows.iloc[index]
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         img = self.load_image(row)  # [3, h, w]
@@ -136,7 +143,7 @@ class PretrainDataset(Dataset):
             "image_id": str(row["image_id"]),
         }
         if self.masker is not None and not getattr(self.masker, "in_step", False):
-            sample["plan"] = self.masker(g)
+            sample["plan"] = self.masker(g, self.context(epoch, batch))
         for extra in self.extras:
             extra(sample, row, view, g)
         return sample
@@ -158,8 +165,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Endless batches of ``(epoch, index)``: per epoch a permutation seeded by ``(seed, epoch)``,
+class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Endless batches of ``(epoch, index, batch)`` (``batch``: the micro-batch's number in the run on
+    this rank, ``epoch * batches_per_epoch + batch in epoch``): per epoch a permutation seeded by
+    ``(seed, epoch)``,
     sharded like ``DistributedSampler`` (pad by wrapping to a multiple of ``world``, take every
     ``world``-th from ``rank``), cut into full batches (the tail is dropped).
 
@@ -194,12 +203,13 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         perm = (perm * (total // self.n + 1))[:total]
         return perm[self.rank : total : self.world]
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch, skip = self.start
         while True:
             idx = self.epoch_indices(epoch)
             for b in range(skip, self.batches_per_epoch):
-                yield [(epoch, i) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
+                number = epoch * self.batches_per_epoch + b
+                yield [(epoch, i, number) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
             epoch, skip = epoch + 1, 0
 
     def __len__(self) -> int:  # endless; DataLoader only needs this for len(loader)

@@ -30,7 +30,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from maelab.config import project_root
-from maelab.masking.plan import MaskPlan
+from maelab.masking import MaskContext, MaskPlan
+from maelab.models import build_pretrainer
 from maelab.train import distributed as D
 from maelab.train.checkpoint import (
     load_checkpoint,
@@ -124,13 +125,6 @@ def out_dir_for(recipe: dict[str, Any]) -> Path:
     return base / recipe.get("name", "recipe")
 
 
-def default_builders() -> tuple[Callable, Callable]:
-    from maelab.masking import build_masker
-    from maelab.models import build_pretrainer
-
-    return build_pretrainer, build_masker
-
-
 def train(
     recipe: dict[str, Any],
     manifest: pd.DataFrame | None = None,
@@ -141,8 +135,7 @@ def train(
     env: str | None = None,
     stop_after: int | None = None,
     progress: bool | None = None,
-    build_model: Callable[[dict], nn.Module] | None = None,
-    build_masker: Callable[..., Any] | None = None,
+    build_model: Callable[[dict], nn.Module] = build_pretrainer,
     extras: Sequence[SampleExtra] = (),
 ) -> TrainResult:
     """Train ``recipe`` (a resolved recipe dict, see ``maelab.config.resolve_recipe``).
@@ -151,15 +144,12 @@ def train(
     ``out_dir/checkpoint.pt`` (default ``train.resume``); mlflow: tracking settings (default
     ``conf/<env>/mlflow.yml``; ``{"enabled": False}`` turns tracking off); stop_after: stop (with a
     checkpoint) once this global step is done, keeping the schedule of the full run (pre-emption,
-    tests). build_model/build_masker default to ``maelab.models.build_pretrainer`` and
-    ``maelab.masking.build_masker``; extras: sample extras for the dataset (see ``train/data.py``).
+    tests). build_model: recipe -> model (``maelab.models.build_pretrainer``); its ``masker`` is the run's
+    one masker (in the DataLoader workers or in the step); extras: sample extras for the dataset.
     """
     t_start = time.perf_counter()
     name = recipe.get("name", "recipe")
-    tcfg, dcfg, enc = recipe["train"], recipe.get("data", {}), recipe["encoder"]
-    if build_model is None or build_masker is None:
-        default_model, default_masker = default_builders()
-        build_model, build_masker = build_model or default_model, build_masker or default_masker
+    tcfg, dcfg = recipe["train"], recipe.get("data", {})
     resume = bool(tcfg.get("resume", False)) if resume is None else resume
     seed = int(tcfg.get("seed", 0))
     batch_size, accum = int(tcfg["batch_size"]), int(tcfg.get("accum_steps", 1))
@@ -176,15 +166,11 @@ def train(
     if manifest is None:
         path = Path(dcfg.get("manifest", "data/02_intermediate/manifest.parquet"))
         manifest = read_manifest(path if path.is_absolute() else project_root() / path)
-    size = enc["img_size"]
-    img_hw = (size, size) if isinstance(size, int) else tuple(size)
-    grid = (img_hw[0] // enc["patch_size"], img_hw[1] // enc["patch_size"])
-    masker = build_masker(recipe["masker"], grid=grid)
-    dataset = PretrainDataset(manifest, recipe, seed=seed, masker=masker, extras=extras)
 
     # --- model, optimiser, schedule
     torch.manual_seed(seed)
     raw = build_model(recipe).to(device)
+    dataset = PretrainDataset(manifest, recipe, seed=seed, masker=getattr(raw, "masker", None), extras=extras)
     model: nn.Module = raw
     ddp: DDP | None = None
     if dist.enabled:
@@ -200,6 +186,7 @@ def train(
     batches_per_epoch = per_rank // batch_size
     total, warmup = resolve_steps(tcfg, max(1, batches_per_epoch // accum))
     schedule = CosineSchedule(lr, total, warmup, float(tcfg.get("min_lr", 0.0)))
+    dataset.accum_steps, dataset.total_steps = accum, total
 
     # --- resume
     start_step, consumed, run_id = 0, 0, None
@@ -322,6 +309,7 @@ def train(
             head_sums: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 batch = to_device(next(batches), device)
+                batch["context"] = MaskContext(step, consumed // batches_per_epoch, total)
                 consumed += 1
                 sync = micro == accum - 1
                 ctx = ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext()
