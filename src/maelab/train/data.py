@@ -7,11 +7,12 @@ sees the same samples whatever ``num_workers`` is, and resuming needs only the d
 consumed batches without decoding them. The sampler also says which batch of the run a sample
 belongs to, so the masker gets the optimiser step it masks for (``MaskContext``).
 
-Sample extras (plug-ins): ``extra(sample, row, view, generator) -> None`` adds keys to the
-sample dict, after the image and plan are made. It must apply ``view`` to anything aligned
-with the image (``view.apply_labels`` for label maps) and read ``sample["plan"]`` when it
-depends on the mask (e.g. R-MAE region maps share the pixel branch's plan, §3.2). Extra
-tensors are stacked by :func:`collate`; an extra may also return plain python values.
+Sample extras (plug-ins, chosen by the recipe's ``data`` block through ``SAMPLE_EXTRAS``):
+``extra(sample, row, view, generator) -> None`` adds keys to the sample dict, after the image
+and plan are made. It must apply ``view`` to anything aligned with the image
+(``view.apply_labels`` for label maps) and read ``sample["plan"]`` when it depends on the mask
+(e.g. R-MAE region maps share the pixel branch's plan, §3.2). Extra tensors are stacked by
+:func:`collate`; an extra may also return plain python values.
 """
 
 from __future__ import annotations
@@ -68,18 +69,38 @@ def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "
     return rows.reset_index(drop=True)
 
 
-def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
-    """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, ...}`` attaches R-MAE's
-    :class:`~maelab.regions.sampling.RegionExtra` (store ``data/04_feature/regions/<source>`` or ``store``).
-    """
-    out: list[SampleExtra] = []
-    if data_cfg.get("regions"):
-        from maelab.config import project_root
-        from maelab.regions.sampling import RegionExtra
+ExtraFactory = Callable[[dict[str, Any]], SampleExtra]
 
-        root = project_root() / "data/04_feature/regions"
-        out.append(RegionExtra.from_params(data_cfg["regions"], root=root))
-    return out
+# The recipe's ``data`` block picks sample extras by key: ``data.<key>: {params}`` -> ``factory(params)``.
+# Extras run in this order (after the image and the plan). MR-MAE's teacher features register "teacher".
+SAMPLE_EXTRAS: dict[str, ExtraFactory] = {}
+
+
+def register_extra(key: str) -> Callable[[ExtraFactory], ExtraFactory]:
+    """Decorator: ``@register_extra("teacher")`` on ``factory(params) -> SampleExtra``."""
+
+    def add(factory: ExtraFactory) -> ExtraFactory:
+        if key in SAMPLE_EXTRAS:
+            raise ValueError(f"sample extra {key!r} is registered twice")
+        SAMPLE_EXTRAS[key] = factory
+        return factory
+
+    return add
+
+
+@register_extra("regions")
+def region_extra(params: dict[str, Any]) -> SampleExtra:
+    """R-MAE's region maps: ``data.regions: {source, k, ...}`` ->
+    :class:`~maelab.regions.sampling.RegionExtra`, store ``data/04_feature/regions/<source>`` or ``store``."""
+    from maelab.config import project_root
+    from maelab.regions.sampling import RegionExtra
+
+    return RegionExtra.from_params(params, root=project_root() / "data/04_feature/regions")
+
+
+def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
+    """The sample extras the recipe's ``data`` block asks for, one per registered key that is set."""
+    return [factory(data_cfg[key]) for key, factory in SAMPLE_EXTRAS.items() if data_cfg.get(key)]
 
 
 class PretrainDataset(Dataset):
