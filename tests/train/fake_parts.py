@@ -94,12 +94,6 @@ class FakePretrainer(nn.Module):
         x = pred.reshape(b, g, g, self.p, self.p, 3).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, 3, g * self.p, g * self.p)
 
-    def pictures(self, batch: dict[str, Any], out: Out) -> dict[str, Any]:
-        from maelab.analysis.viz import reconstruction_grid
-
-        recon = self.reconstruct(batch, out)
-        return {"reconstruction": reconstruction_grid(batch["image"], recon.float(), batch["plan"].mask)}
-
 
 def build_pretrainer(recipe: dict[str, Any]) -> FakePretrainer:
     return FakePretrainer(recipe)

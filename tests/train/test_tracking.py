@@ -3,6 +3,7 @@ import warnings
 import pytest
 from fake_parts import build_pretrainer, tiny_recipe
 
+from maelab.analysis.viz import training_pictures
 from maelab.train.engine import train
 from maelab.train.tracking import mlflow_settings, resolve_uri
 
@@ -15,6 +16,7 @@ def run(recipe, manifest, out, mlflow):
         mlflow=mlflow,
         build_model=build_pretrainer,
         progress=False,
+        pictures=training_pictures,  # train draws none itself; analysis draws them
     )
 
 

@@ -109,14 +109,8 @@ def _check_segmentation(c: _Checker, seg: Any, where: str, hw: tuple[int, int]) 
         c.fail(where, f"expected polygons (list) or RLE (object), got {type(seg).__name__}")
 
 
-def check_instances(data: Any, name: str, lvis: bool = False) -> dict:
-    """Validate a COCO instances / LVIS dict; returns it unchanged. ``name`` is the file name for messages."""
-    c = _Checker(name)
-    if not isinstance(data, dict):
-        c.fail("top level", f"expected an object, got {type(data).__name__}")
-    images = c.list_of_dicts(data, "images")
-    cats = c.list_of_dicts(data, "categories")
-    anns = c.list_of_dicts(data, "annotations") if "annotations" in data or lvis else []
+def _check_images(c: _Checker, images: list[dict], lvis: bool) -> dict[int, tuple[int, int]]:
+    """Each image's id, file name and size; returns ``{image id: (h, w)}``."""
     sizes: dict[int, tuple[int, int]] = {}
     for i, im in enumerate(images):
         where = f"images[{i}]"
@@ -132,6 +126,18 @@ def check_instances(data: Any, name: str, lvis: bool = False) -> dict:
             if not isinstance(v, int) or v <= 0:
                 c.fail(f"{where}.{k}", f"expected a positive integer, got {v!r}")
         sizes[iid] = (h, w)
+    return sizes
+
+
+def check_instances(data: Any, name: str, lvis: bool = False) -> dict:
+    """Validate a COCO instances / LVIS dict; returns it unchanged. ``name`` is the file name for messages."""
+    c = _Checker(name)
+    if not isinstance(data, dict):
+        c.fail("top level", f"expected an object, got {type(data).__name__}")
+    images = c.list_of_dicts(data, "images")
+    cats = c.list_of_dicts(data, "categories")
+    anns = c.list_of_dicts(data, "annotations") if "annotations" in data or lvis else []
+    sizes = _check_images(c, images, lvis)
     cat_ids = set()
     for i, cat in enumerate(cats):
         cid = c.int_id(cat, "id", f"categories[{i}]")

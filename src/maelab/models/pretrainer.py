@@ -96,23 +96,6 @@ class Pretrainer(nn.Module):
         plan = out.plan if out.plan is not None else batch["plan"]
         return head.reconstruct(batch["image"], out.outputs[name], plan.mask)
 
-    @torch.no_grad()
-    def pictures(self, batch: dict[str, Any], out: PretrainOutput) -> dict[str, Any]:
-        """Pictures for the tracker, ``{name: [H, W, 3] uint8}``: the pixel reconstruction grid when the
-        recipe has a pixel decoder, plus ``<head>`` for every head with a ``picture(batch, output, plan)``."""
-        from maelab.analysis.viz import reconstruction_grid
-
-        plan = out.plan if out.plan is not None else batch["plan"]
-        pics: dict[str, Any] = {}
-        if any(isinstance(h, PixelDecoderHead) for h in self.heads.values()):
-            pics["reconstruction"] = reconstruction_grid(
-                batch["image"], self.reconstruct(batch, out).float(), plan.mask
-            )
-        for name, head in self.heads.items():
-            if hasattr(head, "picture") and name in out.outputs:
-                pics[name] = head.picture(batch, out.outputs[name], plan)
-        return pics
-
 
 def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretrainer:
     """A Pretrainer from a recipe dict (``encoder``, ``masker``, ``heads``; see parameters_pretrain.yml).

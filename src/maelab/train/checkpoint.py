@@ -1,16 +1,28 @@
 """Checkpoints are data: tensors and plain python values, saved atomically (tmp + ``os.replace``)
-and loaded with ``torch.load(weights_only=True)``. The encoder is also exported as safetensors."""
+and loaded with ``torch.load(weights_only=True)``. The encoder is also exported as safetensors.
+
+A training checkpoint is the model, optimiser and scaler plus a :class:`TrainingState` (the step done,
+the data position, the loss history, the MLflow run) and every rank's RNG states: what an exact resume
+needs (see ``train/data.py`` for why the data position is enough for the data order).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
+
+from maelab.train import distributed as D
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -35,7 +47,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: str | Path, write) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -48,7 +61,7 @@ def _atomic(path: Path, write) -> Path:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    return _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -65,4 +78,88 @@ def save_safetensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return _atomic(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands: ``step`` optimiser steps done, ``consumed`` micro-batches drawn by this rank,
+    the per-step ``history`` and the MLflow ``run_id``; ``rng``: every rank's RNG states when resumed."""
+
+    step: int = 0
+    consumed: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lr": []})
+    run_id: str | None = None
+    rng: list[dict[str, Any]] | None = None
+
+    def restore_rng(self, rank: int) -> None:
+        """This rank's saved RNG states (call after building everything that might draw random numbers)."""
+        if self.rng:
+            set_rng_state(self.rng[rank] if rank < len(self.rng) else self.rng[0])
+
+
+def save_training_state(
+    path: Path,
+    state: TrainingState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    meta: dict[str, Any],
+) -> None:
+    """Every rank calls it (it gathers every rank's RNG for an exact resume under DDP); rank 0 writes.
+
+    meta: ``batches_per_epoch``, ``total_steps``, ``world_size``, ``batch_size``, ``recipe``."""
+    rngs = D.all_gather_object(rng_state())
+    if D.rank() == 0:
+        bpe = meta["batches_per_epoch"]
+        data = {"epoch": state.consumed // bpe, "batch": state.consumed % bpe, "consumed": state.consumed}
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "step": state.step,
+                "total_steps": meta["total_steps"],
+                "data": data,
+                "rng": rngs,
+                "history": state.history,
+                "mlflow_run_id": state.run_id,
+                "world_size": meta["world_size"],
+                "batch_size": meta["batch_size"],
+                "recipe": meta["recipe"],
+            },
+        )
+    D.barrier()
+
+
+def load_training_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    world_size: int,
+    batch_size: int,
+) -> TrainingState:
+    """Load weights, optimiser and scaler in place; return the run's state (RNG: ``restore_rng``)."""
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("world_size") != world_size or ckpt.get("batch_size") != batch_size:
+        log.warning(
+            "%s: saved with world_size=%s batch_size=%s, resuming with %s/%s: data order is not exact",
+            path,
+            ckpt.get("world_size"),
+            ckpt.get("batch_size"),
+            world_size,
+            batch_size,
+        )
+    return TrainingState(
+        int(ckpt["step"]),
+        int(ckpt["data"]["consumed"]),
+        ckpt["history"],
+        ckpt.get("mlflow_run_id"),
+        ckpt["rng"],
+    )

@@ -22,6 +22,9 @@ def recipe_from_params(recipes: dict[str, Any], recipe_defaults: dict[str, Any],
     return resolve_recipe({"recipes": recipes, "recipe_defaults": recipe_defaults}, name)
 
 
+PICTURES = "maelab.analysis.viz:training_pictures"  # what the engine logs as pictures (train draws none)
+
+
 def launch_torchrun(
     recipe: dict[str, Any], manifest: pd.DataFrame, devices: int, env: str | None
 ) -> dict[str, Any]:
@@ -52,6 +55,8 @@ def launch_torchrun(
         str(manifest_file),
         "--out-dir",
         str(out),
+        "--pictures",
+        PICTURES,
     ]
     if env:
         cmd += ["--env", env]
@@ -83,7 +88,9 @@ def pretrain(
     if devices > 1:
         report = launch_torchrun(recipe, manifest, devices, env)
     else:
-        report = train(recipe, manifest, env=env).report()
+        from maelab.analysis.viz import training_pictures
+
+        report = train(recipe, manifest, env=env, pictures=training_pictures).report()
     log.info(
         "pretrain %s: %d steps, loss %.4f -> %.4f, %.1f img/s, %.0f s",
         recipe_name,
