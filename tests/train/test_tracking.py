@@ -4,8 +4,8 @@ import pytest
 from fake_parts import build_pretrainer, tiny_recipe
 
 from maelab.analysis.viz import training_pictures
+from maelab.config import mlflow_settings, resolve_uri
 from maelab.train.engine import train
-from maelab.train.tracking import mlflow_settings, resolve_uri
 
 
 def run(recipe, manifest, out, mlflow):

@@ -115,7 +115,7 @@ def log_to_mlflow(
     """Log every number and the artifacts to one MLflow run (``report``); returns its run id."""
     import mlflow
 
-    from maelab.registry import tracking_uri
+    from maelab.orchestration.registry import tracking_uri
     from maelab.train.tracking import flatten
 
     mlflow.set_tracking_uri(tracking_uri())

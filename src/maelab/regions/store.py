@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from kedro.io import AbstractDataset
 
 from maelab.regions.sources import RegionSource, storage_dtype
 
@@ -340,33 +339,3 @@ class RegionStore:
 
     def __repr__(self) -> str:
         return f"RegionStore({str(self.path)!r}, sources={self.names()})"
-
-
-class RegionStoreDataset(AbstractDataset[Mapping[str, Iterable[tuple[str, str, np.ndarray]]], RegionStore]):
-    """Kedro dataset for the region store.
-
-    ``load()`` returns a :class:`RegionStore` handle (nothing is read until ``store[name].get(id)``); the
-    ``regions`` node writes through it shard by shard so a long run is incremental and safe to kill.
-    ``save({source: [(image_id, content_hash, maps), ...]})`` appends one shard per source.
-    """
-
-    def __init__(self, path: str, codec: str = "lzma", metadata: dict[str, Any] | None = None) -> None:
-        RegionStore(path, codec)  # validates codec
-        self._path = Path(path)
-        self._codec = codec
-        self.metadata = metadata
-
-    def load(self) -> RegionStore:
-        return RegionStore(self._path, self._codec)
-
-    def save(self, data: Mapping[str, Iterable[tuple[str, str, np.ndarray]]]) -> None:
-        store = self.load()
-        for name, items in data.items():
-            with store[name].lock():
-                store[name].append(items, codec=self._codec)
-
-    def _exists(self) -> bool:
-        return True  # an empty store is a valid (empty) input
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "codec": self._codec}

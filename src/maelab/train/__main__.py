@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from maelab.config import load_recipe
+from maelab.config import load_recipe, mlflow_settings
 
 
 def apply_sets(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest,
             resume=args.resume or None,
             out_dir=args.out_dir,
-            env=args.env,
             stop_after=args.stop_after,
-            mlflow={"enabled": False} if args.no_mlflow else None,
+            mlflow=None if args.no_mlflow else mlflow_settings(args.env),
             pictures=load_function(args.pictures) if args.pictures else None,
         )
     finally:

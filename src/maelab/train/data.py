@@ -92,7 +92,7 @@ def register_extra(key: str) -> Callable[[ExtraFactory], ExtraFactory]:
 def region_extra(params: dict[str, Any]) -> SampleExtra:
     """R-MAE's region maps: ``data.regions: {source, k, ...}`` ->
     :class:`~maelab.regions.sampling.RegionExtra`, store ``data/04_feature/regions/<source>`` or ``store``."""
-    from maelab.config import project_root
+    from maelab.paths import project_root
     from maelab.regions.sampling import RegionExtra
 
     return RegionExtra.from_params(params, root=project_root() / "data/04_feature/regions")

@@ -35,7 +35,7 @@ from maelab.train.optim import optimizer_step
 from maelab.train.precision import autocast
 from maelab.train.result import TrainResult, peak_memory_mb
 from maelab.train.run import CHECKPOINT, Run, out_dir_for, progress_bar, resume_state, setup_run, to_device
-from maelab.train.tracking import Tracker, mlflow_settings
+from maelab.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ def train(
     resume: bool | None = None,
     out_dir: str | Path | None = None,
     mlflow: dict[str, Any] | None = None,
-    env: str | None = None,
     stop_after: int | None = None,
     progress: bool | None = None,
     build_model: Callable[[dict], nn.Module] = build_pretrainer,
@@ -68,12 +67,12 @@ def train(
     """Train ``recipe`` (a resolved recipe dict, see ``maelab.config.resolve_recipe``).
 
     manifest: the image manifest (default: read ``data.manifest``); resume: continue from
-    ``out_dir/checkpoint.pt`` (default ``train.resume``); mlflow: tracking settings (default
-    ``conf/<env>/mlflow.yml``; ``{"enabled": False}`` turns tracking off); stop_after: stop (with a
-    checkpoint) once this global step is done, keeping the schedule of the full run (pre-emption,
-    tests). build_model: recipe -> model (``maelab.models.build_pretrainer``); its ``masker`` is the run's
-    one masker (in the DataLoader workers or in the step); extras: sample extras for the dataset;
-    pictures: what to draw for the tracker (none by default).
+    ``out_dir/checkpoint.pt`` (default ``train.resume``); mlflow: tracking settings, e.g.
+    ``maelab.config.mlflow_settings(env)`` (None or ``{"enabled": False}``: no tracking);
+    stop_after: stop (with a checkpoint) once this global step is done, keeping the schedule of the
+    full run (pre-emption, tests); build_model: recipe -> model (``maelab.models.build_pretrainer``),
+    whose ``masker`` is the run's one masker (in the DataLoader workers or in the step); extras:
+    sample extras for the dataset; pictures: what to draw for the tracker (none by default).
     """
     t_start, tcfg = time.perf_counter(), recipe["train"]
     run = setup_run(recipe, manifest, out_dir, build_model, extras)
@@ -92,8 +91,7 @@ def train(
     )
     batches = iter(loader)
     state.restore_rng(run.dist.rank)  # after building everything that might draw random numbers
-    settings = (mlflow if mlflow is not None else mlflow_settings(env)) if run.dist.is_main else None
-    tracker = Tracker(settings, enabled=run.dist.is_main)
+    tracker = Tracker(mlflow if run.dist.is_main else None, enabled=run.dist.is_main and mlflow is not None)
     state.run_id = tracker.start(run.name, recipe, run_id=state.run_id)
     log_every, ckpt_every = int(tcfg.get("log_every", 10)), int(tcfg.get("ckpt_every") or 0)
     image_every, total = int(tcfg.get("image_every") or 0), run.schedule.total_steps

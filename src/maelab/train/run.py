@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from maelab.config import project_root
 from maelab.masking import MaskPlan
+from maelab.paths import project_root
 from maelab.train import distributed as D
 from maelab.train.checkpoint import TrainingState, load_training_state
 from maelab.train.data import PretrainDataset, SampleExtra, read_manifest

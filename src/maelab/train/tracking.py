@@ -1,14 +1,13 @@
 """MLflow tracking for one pre-training run (rank 0 only).
 
-Tracking URI: ``conf/<env>/mlflow.yml`` (``tracking_uri``; ``conf/local`` overrides ``conf/base``),
-overridden by ``$MLFLOW_TRACKING_URI``; relative paths (``sqlite:///mlruns/mlflow.db``) are taken
-from the project root. A failing backend (bad URI, locked db) warns once and training goes on.
+The settings (tracking URI, artifact location, experiment) come from the caller, usually
+``maelab.config.mlflow_settings(env)``. A failing backend (bad URI, locked db) warns once and training
+goes on.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import tempfile
 import time
@@ -16,8 +15,6 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from maelab.config import load_config, project_root
 
 log = logging.getLogger(__name__)
 
@@ -31,39 +28,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def resolve_uri(uri: str, root: Path) -> str:
-    """Make relative sqlite/file locations absolute against ``root``."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        return uri if path.startswith("/") else f"sqlite:///{(root / path).resolve()}"
-    if "://" not in uri:
-        return str((root / uri).resolve())
-    return uri
-
-
-def mlflow_settings(env: str | None = None, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Tracking settings: ``cfg`` (or ``conf/<env>/mlflow.yml``), then ``$MLFLOW_TRACKING_URI``."""
-    root = project_root()
-    if cfg is None:
-        try:
-            cfg = load_config("mlflow", env)
-        except Exception as exc:  # a missing conf folder must not stop training
-            warnings.warn(f"MLflow config for env {env!r} unreadable ({exc}); using defaults", stacklevel=2)
-            cfg = {}
-    cfg = dict(cfg)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.get("tracking_uri") or "sqlite:///mlruns/mlflow.db"
-    artifacts = cfg.get("artifact_location") or "mlruns/artifacts"
-    art_path = Path(artifacts) if "://" not in artifacts else None
-    if art_path is not None and not art_path.is_absolute():
-        art_path = root / art_path
-    return {
-        "tracking_uri": resolve_uri(uri, root),
-        "artifact_location": art_path.resolve().as_uri() if art_path is not None else artifacts,
-        "experiment": cfg.get("experiment", "maelab"),
-        "enabled": bool(cfg.get("enabled", True)),
-    }
 
 
 def check_sqlite(path: Path) -> None:

@@ -42,7 +42,7 @@ def resolve_encoder_path(ref: str | Path | None) -> Path | None:
         return None
     ref = str(ref)
     if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        from maelab.registry import resolve_encoder  # lazy: needs mlflow and a tracking store
+        from maelab.orchestration.registry import resolve_encoder  # lazy: needs mlflow and a tracking store
 
         return Path(resolve_encoder(ref))
     path = Path(ref)

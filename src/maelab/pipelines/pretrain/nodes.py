@@ -89,8 +89,9 @@ def pretrain(
         report = launch_torchrun(recipe, manifest, devices, env)
     else:
         from maelab.analysis.viz import training_pictures
+        from maelab.config import mlflow_settings
 
-        report = train(recipe, manifest, env=env, pictures=training_pictures).report()
+        report = train(recipe, manifest, mlflow=mlflow_settings(env), pictures=training_pictures).report()
     log.info(
         "pretrain %s: %d steps, loss %.4f -> %.4f, %.1f img/s, %.0f s",
         recipe_name,
@@ -116,7 +117,7 @@ def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) ->
     ``champion``). A tracking backend that fails only warns: the trained encoder is on disk either way."""
     if not report.get("mlflow_run_id"):
         return
-    from maelab.registry import register_encoder
+    from maelab.orchestration.registry import register_encoder
 
     try:
         report["registered_version"] = register_encoder(

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from maelab.config import project_root
 from maelab.orchestration.decision import DECISIONS_FILE, Decision, DecisionRecord, append_decision, decide
+from maelab.paths import project_root
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 ENCODER_ARTIFACT_DIR = "encoder"
@@ -64,7 +64,7 @@ def encoder_config(path: str | Path) -> dict[str, Any]:
 def tracking_uri(env: str | None = None) -> str:
     """``$MLFLOW_TRACKING_URI``, else ``tracking_uri`` of ``conf/<env>/mlflow.yml``; relative paths are
     resolved against the project root (``sqlite:///mlruns/mlflow.db`` -> ``sqlite:////<root>/mlruns/mlflow.db``)."""
-    from maelab.train.tracking import mlflow_settings  # the engine's reading of conf/<env>/mlflow.yml
+    from maelab.config import mlflow_settings  # conf/<env>/mlflow.yml, read as the engine's callers do
 
     uri = mlflow_settings(env)["tracking_uri"]
     if uri.startswith("sqlite:///"):
