@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD
 
 
 def denormalize(

@@ -8,9 +8,10 @@ The checks follow the COCO data format (cocodataset.org/#format-data) and LVIS v
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from maelab.files import atomic_write_text
 
 _NUMBER = (int, float)
 
@@ -36,11 +37,7 @@ def read_json(path: str | Path) -> Any:
 
 def write_json(obj: Any, path: str | Path) -> None:
     """Compact JSON, written atomically. ``json.dumps`` (C encoder), not ``json.dump`` (pure Python)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 class _Checker:

@@ -23,6 +23,8 @@ import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from maelab.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -186,10 +188,7 @@ class DecodeCache:
             return  # nothing added, nothing dropped
         df = pd.DataFrame([{"key": k, **asdict(p)} for k, p in keep], columns=list(CACHE_COLUMNS))
         df = df.astype(CACHE_COLUMNS)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def with_min_side(p: Probe, min_side: int) -> Probe:

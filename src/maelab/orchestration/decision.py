@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from maelab.files import atomic_write_text
 
 DECISIONS_FILE = "data/08_reporting/retrain_decisions.jsonl"
 
@@ -124,14 +125,10 @@ class DecisionRecord:
 def append_decision(record: DecisionRecord, path: str | Path) -> Path:
     """Append one JSON line; the file is rewritten atomically so a crash never truncates the log."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.exists() else ""
     if old and not old.endswith("\n"):
         old += "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(old + record.to_json() + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, old + record.to_json() + "\n")
 
 
 def read_decisions(path: str | Path) -> list[dict[str, Any]]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from maelab.files import metadata_encoder_config, read_metadata
 from maelab.orchestration.decision import DECISIONS_FILE, Decision, DecisionRecord, append_decision, decide
 from maelab.paths import project_root
 
@@ -45,19 +45,11 @@ def model_name(recipe: str, arch: str) -> str:
 
 def encoder_config(path: str | Path) -> dict[str, Any]:
     """The ``encoder_config`` JSON stored in an encoder safetensors file's metadata."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "encoder_config" not in meta:
+    meta = read_metadata(path)
+    config = metadata_encoder_config(meta, path)
+    if config is None:
         raise KeyError(f"{path}: safetensors metadata has no 'encoder_config' (has {sorted(meta)})")
-    try:
-        return json.loads(meta["encoder_config"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: metadata field 'encoder_config' is not JSON: {err}") from err
+    return config
 
 
 # --------------------------------------------------------------------------------------------- client

@@ -22,7 +22,6 @@ import hashlib
 import json
 import lzma
 import os
-import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from maelab.files import TMP_PREFIX, atomic_write, atomic_write_bytes
 from maelab.regions.sources import RegionSource, storage_dtype
 
 FORMAT_VERSION = 1
@@ -55,20 +55,6 @@ INDEX_COLUMNS: dict[str, str] = {
 CODECS = ("lzma", "zlib")
 
 
-def _tmp_path(path: Path) -> Path:
-    """A private temp name next to ``path`` (unique per process and thread); ``gc`` removes leftovers."""
-    return path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def encode(maps: np.ndarray, codec: str = "lzma") -> tuple[bytes, np.dtype]:
     """``[S, H, W]`` labels -> (compressed bytes, stored dtype)."""
     dtype = storage_dtype(maps)
@@ -91,7 +77,7 @@ def write_shard(shard_dir: Path, ids: list[str], blobs: list[bytes]) -> tuple[st
     digest = hashlib.sha1("\n".join(ids).encode() + b"\0" + data).hexdigest()[:24]
     name = f"{digest}.bin"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(shard_dir / name, data)
+    atomic_write_bytes(shard_dir / name, data, fsync=True)
     offsets = np.cumsum([0] + [len(b) for b in blobs[:-1]]).tolist() if blobs else []
     return name, offsets
 
@@ -201,11 +187,7 @@ class SourceStore:
         parts = [df for df in (old, _conform_index(new) if len(new) else None) if df is not None and len(df)]
         index = _conform_index(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_path(self.index_path)
-        index.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.index_path)
+        atomic_write(self.index_path, lambda tmp: index.to_parquet(tmp, index=False), fsync=True)
         self._index, self._rows = index, None
 
     def write_meta(self, source: RegionSource) -> None:
@@ -218,7 +200,7 @@ class SourceStore:
             "layers": source.layers,
         }
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(
+        atomic_write_bytes(
             self.meta_path, (json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n").encode()
         )
 
@@ -246,7 +228,7 @@ class SourceStore:
             if not d.is_dir():
                 continue
             for f in d.iterdir():
-                if f.name.startswith(".tmp-") or (d == self.shard_dir and f.name not in keep):
+                if f.name.startswith(TMP_PREFIX) or (d == self.shard_dir and f.name not in keep):
                     f.unlink(missing_ok=True)
                     removed += 1
         return removed

@@ -9,7 +9,6 @@ needs (see ``train/data.py`` for why the data position is enough for the data or
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from maelab.files import atomic_write
 from maelab.train import distributed as D
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(np_state)  # noqa: NPY002
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -28,13 +28,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maelab.data.decode import load_rgb
-from maelab.data.manifest import image_path
-from maelab.data.view import View
+from maelab.data.manifest import image_path, select_rows
+from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD, View
 from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SampleExtra = Callable[[dict[str, Any], pd.Series, View, torch.Generator], None]
 
@@ -50,23 +47,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seed(seed, epoch, index)
 
 
-def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "manifest") -> pd.DataFrame:
-    """Rows of the manifest whose ``source``/``split`` are in ``data.sources``/``data.splits``."""
+def manifest_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "manifest") -> pd.DataFrame:
+    """Manifest rows whose ``source``/``split`` are in ``data.sources``/``data.splits`` (unset: any)."""
     for col in ("source", "split", "root", "path"):
         if col not in manifest.columns:
             raise ValueError(f"{where}: missing column {col!r} (see maelab.data.manifest)")
-    rows = manifest
-    if data_cfg.get("sources"):
-        rows = rows[rows["source"].isin(list(data_cfg["sources"]))]
-    if data_cfg.get("splits"):
-        rows = rows[rows["split"].isin(list(data_cfg["splits"]))]
-    if rows.empty:
-        have = sorted(set(zip(manifest["source"].astype(str), manifest["split"].astype(str), strict=True)))
-        raise ValueError(
-            f"{where}: no rows for data.sources={data_cfg.get('sources')} "
-            f"data.splits={data_cfg.get('splits')}; (source, split) present: {have}"
-        )
-    return rows.reset_index(drop=True)
+    sources, splits = data_cfg.get("sources") or None, data_cfg.get("splits") or None
+    return select_rows(manifest, sources, splits, where=where, fields=("data.sources", "data.splits"))
 
 
 ExtraFactory = Callable[[dict[str, Any]], SampleExtra]
@@ -121,7 +108,7 @@ class PretrainDataset(Dataset):
     ) -> None:
         data_cfg = recipe.get("data", {})
         enc = recipe["encoder"]
-        self.rows = select_rows(manifest, data_cfg)
+        self.rows = manifest_rows(manifest, data_cfg)
         size = enc["img_size"]
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.crop_scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))

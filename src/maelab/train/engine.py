@@ -26,10 +26,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from maelab.files import atomic_write_text
 from maelab.masking import MaskContext
 from maelab.models import build_pretrainer
 from maelab.train import distributed as D
-from maelab.train.checkpoint import TrainingState, atomic_write, save_safetensors, save_training_state
+from maelab.train.checkpoint import TrainingState, save_safetensors, save_training_state
 from maelab.train.data import SampleExtra, build_loader
 from maelab.train.optim import optimizer_step
 from maelab.train.precision import autocast
@@ -236,4 +237,4 @@ def export_encoder(run: Run, steps: int) -> str:
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

@@ -8,17 +8,15 @@ Layer-wise lr decay follows BEiT (Bao et al. 2021, §2.3 fine-tuning) as used by
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from maelab.files import metadata_encoder_config, read_weights
 from maelab.models.vit import ViTEncoder, build_encoder
 
 log = logging.getLogger(__name__)
@@ -57,24 +55,8 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     ``.safetensors`` is read with safetensors; anything else with ``torch.load(weights_only=True)``
     (a ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is unpacked, as MAE checkpoints have).
     """
-    path = Path(path)
-    meta: dict[str, str] = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        state = load_file(str(path))
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    config = None
-    if "encoder_config" in meta:
-        try:
-            config = json.loads(meta["encoder_config"])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: metadata field encoder_config is not JSON: {err}") from None
-    return state, config, meta
+    state, meta = read_weights(path)
+    return state, metadata_encoder_config(meta, path), meta
 
 
 # ------------------------------------------------------------------------------ interpolation

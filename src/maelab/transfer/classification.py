@@ -22,17 +22,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
+from maelab.train.distributed import pick_device
 from maelab.train.schedule import CosineSchedule
 from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd, task_encoder
 from maelab.transfer.data import ClassificationSet, select, train_loader
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str | None = "auto") -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def optimizer_step(

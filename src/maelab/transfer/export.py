@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from maelab.files import atomic_write
 from maelab.transfer.backbone import ENCODER_FIELDS, read_encoder_file, resolve_encoder_path
 
 DETECTRON2_PREFIX = "backbone.net."
@@ -63,13 +63,6 @@ def to_detectron2(state: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_encoder(
     encoder: str | Path, fmt: str, out: str | Path, default_config: dict[str, Any] | None = None
 ) -> Path:
@@ -93,13 +86,13 @@ def export_encoder(
     }
     if fmt == "timm":
         info["timm_kwargs"] = json.dumps(timm_kwargs(config))
-        _atomic(out, lambda p: save_file(to_timm(state), str(p), metadata=info))
+        atomic_write(out, lambda p: save_file(to_timm(state), str(p), metadata=info))
     elif fmt == "detectron2":
         weights = to_detectron2(state)
         if out.suffix == ".safetensors":
-            _atomic(out, lambda p: save_file(weights, str(p), metadata=info))
+            atomic_write(out, lambda p: save_file(weights, str(p), metadata=info))
         else:  # detectron2 reads .pth with torch.load; tensors and strings only (weights_only-safe)
-            _atomic(out, lambda p: torch.save({"model": weights, "__author__": "maelab", **info}, p))
+            atomic_write(out, lambda p: torch.save({"model": weights, "__author__": "maelab", **info}, p))
     else:
         raise ValueError(f"export: --format must be timm or detectron2, got {fmt!r}")
     return out
