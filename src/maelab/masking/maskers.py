@@ -9,10 +9,11 @@ steps), so a masker may change with training progress. One masker per run: the m
 (``Pretrainer.masker``), which the engine hands to the dataset.
 
 LoMaR (Chen et al. 2022, §3) fits the same shape: a window masker samples ``n`` windows of ``k x k``
-patches and masks a ratio inside each. It would return a ``MaskPlan`` subclass whose tensors are
-``[n, k*k]`` (one plan per window, indices local to the window) plus ``window_ids: [n, k*k]`` giving
-each window token's index in the full grid; ``collate`` stacks them to ``[B, n, ...]`` and the LoMaR
-head flattens ``B * n`` windows into the batch, gathers their patches and keeps mask tokens in the encoder.
+patches and masks a ratio inside each. It returns a ``MaskPlan`` subclass (extra tensor fields survive
+``collate``, ``to`` and FLOP tracing) whose ``mask`` is on the full grid ``[L]`` (True inside a window where
+masked) plus ``window_ids: [n, k*k]``, each window token's index in the grid (raster order in the window).
+An encoder built with ``mask_token=True, window_size=k`` replaces the masked patches by its mask token and
+encodes the ``B * n`` windows as the batch, ``[B*n, 1+k*k, D]`` (see ``maelab.models.vit``).
 """
 
 from __future__ import annotations
