@@ -46,7 +46,8 @@ class RegionStoreDataset(AbstractDataset[Mapping[str, Iterable[tuple[str, str, n
 
     ``load()`` returns a :class:`RegionStore` handle (nothing is read until ``store[name].get(id)``); the
     ``regions`` node writes through it shard by shard so a long run is incremental and safe to kill.
-    ``save({source: [(image_id, content_hash, maps), ...]})`` appends one shard per source.
+    ``save({source: [(image_id, content_hash, maps), ...]})`` appends one shard per source; ``save(handle)``
+    (the node returning the handle it wrote through) has nothing left to write.
     """
 
     def __init__(self, path: str, codec: str = "lzma", metadata: dict[str, Any] | None = None) -> None:
@@ -58,7 +59,11 @@ class RegionStoreDataset(AbstractDataset[Mapping[str, Iterable[tuple[str, str, n
     def load(self) -> RegionStore:
         return RegionStore(self._path, self._codec)
 
-    def save(self, data: Mapping[str, Iterable[tuple[str, str, np.ndarray]]]) -> None:
+    def save(self, data: RegionStore | Mapping[str, Iterable[tuple[str, str, np.ndarray]]]) -> None:
+        if isinstance(data, RegionStore):  # the regions node wrote through this handle already
+            if data.path.resolve() != self._path.resolve():
+                raise ValueError(f"region store: a handle on {data.path} cannot be saved to {self._path}")
+            return
         store = self.load()
         for name, items in data.items():
             with store[name].lock():

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -9,7 +7,6 @@ from maelab.transfer.segmentation import (
     confusion_matrix,
     default_out_indices,
     miou_from_confusion,
-    poly_lr,
 )
 
 
@@ -57,10 +54,3 @@ def test_auxiliary_head_is_trained_but_not_used_for_prediction():
     aux.mean().backward()
     assert model.aux_head[0].weight.grad is not None and model.classifier.weight.grad is None
     assert ViTUperNet(enc, num_classes=5, decoder_channels=16).forward_with_aux(x)[1] is None
-
-
-def test_poly_lr():
-    assert poly_lr(0, 1.0, 100, 10) == pytest.approx(1e-6)
-    assert poly_lr(10, 1.0, 100, 10) == pytest.approx(1.0)
-    assert poly_lr(55, 1.0, 100, 10) == pytest.approx(0.5)
-    assert math.isclose(poly_lr(100, 1.0, 100, 10), 0.0, abs_tol=1e-12)

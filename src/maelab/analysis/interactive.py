@@ -220,13 +220,19 @@ def load_image(path: str | Path, size: tuple[int, int]) -> Tensor:
 
 
 def scenes_samples(
-    annotations: str | Path, root: str | Path, size: tuple[int, int], limit: int | None = None
+    annotations: dict | str | Path, root: str | Path, size: tuple[int, int], limit: int | None = None
 ) -> list[tuple[Tensor, Tensor]]:
-    """Held-out scenes images and their instance masks (COCO json), resized to ``size`` (masks nearest)."""
+    """Held-out scenes images and their instance masks (COCO json: a file or its loaded dict), resized to
+    ``size`` (masks nearest)."""
     from pycocotools.coco import COCO
 
     with _quiet():
-        coco = COCO(str(annotations))
+        if isinstance(annotations, dict):
+            coco = COCO()
+            coco.dataset = annotations
+            coco.createIndex()
+        else:
+            coco = COCO(str(annotations))
     out = []
     for img_id in sorted(coco.getImgIds())[:limit]:
         info = coco.loadImgs(img_id)[0]

@@ -79,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         recipe = load_recipe(args.recipe, args.env)
     recipe = apply_sets(recipe, args.sets)
+    regions = recipe.get("data", {}).get("regions")
+    if regions and not regions.get("store"):  # outside Kedro: the folder of the catalog's region_store
+        from maelab.config import load_config, project_root
+
+        root = Path(load_config("catalog", args.env)["region_store"]["path"])
+        regions["store"] = str(
+            (root if root.is_absolute() else project_root() / root) / regions.get("source", "fh")
+        )
 
     from maelab.train import distributed
     from maelab.train.data import read_manifest

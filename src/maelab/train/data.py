@@ -77,12 +77,17 @@ def register_extra(key: str) -> Callable[[ExtraFactory], ExtraFactory]:
 
 @register_extra("regions")
 def region_extra(params: dict[str, Any]) -> SampleExtra:
-    """R-MAE's region maps: ``data.regions: {source, k, ...}`` ->
-    :class:`~maelab.regions.sampling.RegionExtra`, store ``data/04_feature/regions/<source>`` or ``store``."""
-    from maelab.paths import project_root
+    """R-MAE's region maps: ``data.regions: {source, k, store, ...}`` ->
+    :class:`~maelab.regions.sampling.RegionExtra` reading the region store folder ``store`` (the Kedro
+    pretrain node sets it from the ``region_store`` dataset; ``python -m maelab.train`` from the catalog)."""
     from maelab.regions.sampling import RegionExtra
 
-    return RegionExtra.from_params(params, root=project_root() / "data/04_feature/regions")
+    if not params.get("store"):
+        raise ValueError(
+            "recipe data.regions: field 'store' (the region store folder) is not set; run through the "
+            "Kedro pretrain pipeline, which reads it from the region_store dataset"
+        )
+    return RegionExtra.from_params(params)
 
 
 def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from maelab.files import metadata_encoder_config, read_weights
 from maelab.models.vit import ViTEncoder, build_encoder
+from maelab.transfer.config import FineTuneLoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +159,15 @@ def load_encoder(
 
 # ---------------------------------------------------------------------------- layer-wise lr decay
 def task_encoder(
-    encoder_ref: str | Path | None, default_config: dict[str, Any], cfg: dict[str, Any], img_size: int
+    encoder_ref: str | Path | None, default_config: dict[str, Any], cfg: FineTuneLoopConfig, img_size: int
 ) -> tuple[ViTEncoder, dict[str, Any]]:
-    """``load_encoder`` with a task's ``patch_size`` and ``drop_path`` (default 0.1) at ``img_size``."""
+    """``load_encoder`` with a fine-tune task's ``patch_size`` and ``drop_path`` at ``img_size``."""
     return load_encoder(
         encoder_ref,
         default_config,
         img_size=img_size,
-        patch_size=cfg.get("patch_size"),
-        drop_path_rate=float(cfg.get("drop_path", 0.1)),
+        patch_size=cfg.patch_size,
+        drop_path_rate=cfg.drop_path,
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,45 +21,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
-from maelab.train.distributed import pick_device
 from maelab.train.schedule import CosineSchedule
-from maelab.transfer.backbone import adamw, apply_lr, load_encoder, param_groups_lrd, task_encoder
+from maelab.transfer.backbone import apply_lr, load_encoder, task_encoder
+from maelab.transfer.config import FineTuneConfig, LinearProbeConfig, TaskConfig
 from maelab.transfer.data import ClassificationSet, select, train_loader
+from maelab.transfer.loop import evaluate, fine_tune, start
 
 log = logging.getLogger(__name__)
-
-
-def optimizer_step(
-    task: str,
-    loss: Tensor,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    step: int,
-    total: int,
-    clip_grad: float | None = None,
-    parts: dict[str, Tensor] | None = None,
-) -> None:
-    """One optimiser step of a transfer task: stop on a non-finite loss (naming the step and the loss
-    ``parts``), backward, optional gradient clipping, step; log the loss five times per run."""
-    if not torch.isfinite(loss):
-        detail = f" ({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())})" if parts else ""
-        raise FloatingPointError(f"{task}: loss is {loss.item()} at step {step}{detail}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad:
-        nn.utils.clip_grad_norm_(model.parameters(), float(clip_grad))
-    opt.step()
-    if step % max(1, total // 5) == 0:
-        log.info("%s step %d/%d loss %.4f", task, step, total, loss.item())
-
-
-def forever(loader: DataLoader) -> Iterator[Any]:
-    epoch = 0
-    while True:
-        if hasattr(loader.dataset, "epoch"):
-            loader.dataset.epoch = epoch
-        yield from loader
-        epoch += 1
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -127,19 +94,17 @@ def extract_features(
 
 
 def train_linear_probe(
-    train_x: Tensor, train_y: Tensor, num_classes: int, cfg: dict[str, Any], seed: int = 0
+    train_x: Tensor, train_y: Tensor, num_classes: int, cfg: LinearProbeConfig, seed: int = 0
 ) -> LinearProbe:
     """Train :class:`LinearProbe` on cached features: LARS (or SGD), warm-up + cosine, no weight decay."""
     torch.manual_seed(seed)
     head = LinearProbe(train_x.shape[1], num_classes)
-    batch = min(int(cfg.get("batch_size", 256)), len(train_x))
-    lr = float(cfg["lr"]) if cfg.get("lr") is not None else float(cfg.get("blr", 0.1)) * batch / 256
-    wd = float(cfg.get("weight_decay", 0.0))
+    batch = min(cfg.batch_size, len(train_x))
+    lr = float(cfg.lr) if cfg.lr is not None else cfg.blr * batch / 256
+    wd = cfg.weight_decay
     weights = [p for p in head.parameters() if p.ndim > 1]
     others = [p for p in head.parameters() if p.ndim <= 1]
-    if (
-        cfg.get("optimizer", "lars") == "lars"
-    ):  # MAE Tab. 10 and its LARS: trust ratio |w|/|g| (coeff 1), 1-D params exempt
+    if cfg.optimizer == "lars":  # MAE Tab. 10 and its LARS: trust ratio |w|/|g| (coeff 1), 1-D params exempt
         from timm.optim import Lars
 
         opt = Lars(
@@ -157,8 +122,8 @@ def train_linear_probe(
             weight_decay=wd,
         )
     steps_per_epoch = max(1, len(train_x) // batch)
-    total = int(cfg.get("epochs", 90)) * steps_per_epoch
-    sched = CosineSchedule(lr, total, int(cfg.get("warmup_epochs", 10)) * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    sched = CosineSchedule(lr, total, cfg.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     head.train()
     step = 0
@@ -187,53 +152,49 @@ def class_count(rows: pd.DataFrame) -> int:
     return int(rows["label"].astype("int64").max()) + 1
 
 
-def _loaders(manifest: pd.DataFrame, cfg: dict[str, Any], size: int, train_aug: bool, seed: int):
-    data = cfg.get("data", {})
-    sources = data.get("sources", ["scenes"])
-    train_rows = select(
-        manifest, sources, data.get("train_split", "train"), "label", data.get("max_train_images")
+def _datasets(
+    manifest: pd.DataFrame, cfg: LinearProbeConfig | FineTuneConfig, size: int, train_aug: bool
+) -> tuple[ClassificationSet, ClassificationSet, int]:
+    data = cfg.data
+    train_rows = select(manifest, data.sources, data.train_split, "label", data.max_train_images)
+    val_rows = select(manifest, data.sources, data.eval_split, "label", data.max_eval_images)
+    aug = (
+        {"scale": cfg.crop_scale, "rand_augment": cfg.rand_augment, "erase_prob": cfg.erase_prob}
+        if isinstance(cfg, FineTuneConfig)
+        else {}
     )
-    val_rows = select(manifest, sources, data.get("eval_split", "val"), "label", data.get("max_eval_images"))
-    scale = tuple(cfg.get("crop_scale", (0.08, 1.0)))
-    train_set = ClassificationSet(
-        train_rows,
-        size,
-        train=train_aug,
-        scale=scale,
-        seed=seed,
-        rand_augment=cfg.get("rand_augment"),
-        erase_prob=float(cfg.get("erase_prob", 0.0)),
-    )
+    train_set = ClassificationSet(train_rows, size, train=train_aug, seed=cfg.seed, **aug)
     val_set = ClassificationSet(val_rows, size, train=False)
-    workers = int(cfg.get("num_workers", 0))
-    return train_set, val_set, max(class_count(train_rows), class_count(val_rows)), workers
+    return train_set, val_set, max(class_count(train_rows), class_count(val_rows))
+
+
+def task_size(cfg: TaskConfig, default_config: dict[str, Any]) -> int:
+    """The task's input size: ``img_size``, else the encoder's pre-training size (224 when unknown)."""
+    return int(cfg.img_size or default_config.get("img_size", 224))
 
 
 def run_linear_probe(
-    manifest: pd.DataFrame, encoder_ref: str | None, default_config: dict[str, Any], cfg: dict[str, Any]
+    manifest: pd.DataFrame, encoder_ref: str | None, default_config: dict[str, Any], cfg: LinearProbeConfig
 ) -> dict[str, Any]:
     """Linear probe of a frozen encoder (MAE §A.3) -> ``{"top1", "top5", ...}`` in percent."""
-    t0, seed = time.perf_counter(), int(cfg.get("seed", 0))
-    device = pick_device(cfg.get("device"))
-    size = int(cfg.get("img_size", default_config.get("img_size", 224)))
-    torch.manual_seed(seed)  # the random_init encoder's weights
-    encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.get("patch_size"))
-    train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=False, seed=seed)
-    bs = int(cfg.get("extract_batch_size", 64))
+    t0 = time.perf_counter()
+    device = start(cfg)  # the seed also draws the random_init encoder's weights
+    size = task_size(cfg, default_config)
+    encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.patch_size)
+    train_set, val_set, num_classes = _datasets(manifest, cfg, size, train_aug=False)
+    bs, workers = cfg.extract_batch_size, cfg.num_workers
     train_x, train_y = extract_features(
-        encoder, DataLoader(train_set, bs, num_workers=workers), cfg.get("pool", "cls"), device
+        encoder, DataLoader(train_set, bs, num_workers=workers), cfg.pool, device
     )
-    val_x, val_y = extract_features(
-        encoder, DataLoader(val_set, bs, num_workers=workers), cfg.get("pool", "cls"), device
-    )
+    val_x, val_y = extract_features(encoder, DataLoader(val_set, bs, num_workers=workers), cfg.pool, device)
     t_feat = time.perf_counter() - t0
-    head = train_linear_probe(train_x, train_y, num_classes, cfg, seed)
+    head = train_linear_probe(train_x, train_y, num_classes, cfg, cfg.seed)
     metrics = evaluate_logits(head(val_x), val_y)
     metrics.update(
         num_classes=num_classes,
         train_images=len(train_set),
         val_images=len(val_set),
-        pool=cfg.get("pool", "cls"),
+        pool=cfg.pool,
         feature_seconds=round(t_feat, 2),
         seconds=round(time.perf_counter() - t0, 2),
         encoder=info["path"],
@@ -242,90 +203,68 @@ def run_linear_probe(
 
 
 def run_finetune(
-    manifest: pd.DataFrame, encoder_ref: str | None, default_config: dict[str, Any], cfg: dict[str, Any]
+    manifest: pd.DataFrame, encoder_ref: str | None, default_config: dict[str, Any], cfg: FineTuneConfig
 ) -> dict[str, Any]:
     """End-to-end fine-tuning (MAE §A.2) -> ``{"top1", "top5", ...}`` in percent."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    t0, seed = time.perf_counter(), int(cfg.get("seed", 0))
-    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    device = start(cfg)
     # timm's Mixup draws from NumPy's global RNG: seed it for the run, restore it after
     numpy_state = np.random.get_state()  # noqa: NPY002
-    np.random.seed(seed)  # noqa: NPY002
-    device = pick_device(cfg.get("device"))
-    size = int(cfg.get("img_size", default_config.get("img_size", 224)))
+    np.random.seed(cfg.seed)  # noqa: NPY002
+    size = task_size(cfg, default_config)
     encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
-    train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=True, seed=seed)
-    model = FineTuneClassifier(encoder, num_classes, global_pool=bool(cfg.get("global_pool", True))).to(
-        device
-    )
+    train_set, val_set, num_classes = _datasets(manifest, cfg, size, train_aug=True)
+    model = FineTuneClassifier(encoder, num_classes, global_pool=cfg.global_pool).to(device)
 
-    batch = min(int(cfg.get("batch_size", 64)), len(train_set))
+    batch = min(cfg.batch_size, len(train_set))
     batch -= batch % 2  # mixup pairs samples within the batch
-    lr = float(cfg["lr"]) if cfg.get("lr") is not None else float(cfg.get("blr", 5e-4)) * batch / 256
-    groups = param_groups_lrd(
-        model,
-        float(cfg.get("weight_decay", 0.05)),
-        float(cfg.get("layer_decay", 0.75)),
-        len(encoder.blocks),
-        no_weight_decay={"cls_token", "pos_embed"},
-        prefix="encoder.",
-    )
-    opt = adamw(groups, lr, tuple(cfg.get("betas", (0.9, 0.999))))
-    steps_per_epoch = max(1, len(train_set) // batch)
-    total = int(cfg["steps"]) if cfg.get("steps") else int(cfg.get("epochs", 100)) * steps_per_epoch
-    warmup = (
-        int(cfg["warmup_steps"])
-        if cfg.get("warmup_steps") is not None
-        else int(cfg.get("warmup_epochs", 5)) * steps_per_epoch
-    )
-    sched = CosineSchedule(lr, total, min(warmup, total), float(cfg.get("min_lr", 1e-6)))
-
-    mix_on = float(cfg.get("mixup", 0.8)) > 0 or float(cfg.get("cutmix", 1.0)) > 0
-    smoothing = float(cfg.get("smoothing", 0.1))
     mixup = (
         Mixup(
-            mixup_alpha=float(cfg.get("mixup", 0.8)),
-            cutmix_alpha=float(cfg.get("cutmix", 1.0)),
-            label_smoothing=smoothing,
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            label_smoothing=cfg.smoothing,
             num_classes=num_classes,
         )
-        if mix_on
+        if cfg.mixup > 0 or cfg.cutmix > 0
         else None
     )
     criterion = (
         SoftTargetCrossEntropy()
         if mixup
-        else (LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
+        else (LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss())
     )
 
-    loader = train_loader(train_set, cfg, 64, seed)
-    model.train()
-    batches = forever(loader)
-    for step in range(total):
-        x, y = next(batches)
-        x, y = x.to(device), y.to(device)
+    def loss_fn(batch_xy: tuple[Tensor, Tensor]) -> tuple[Tensor, None]:
+        x, y = (t.to(device) for t in batch_xy)
         if mixup is not None:
             x, y = mixup(x, y)
-        apply_lr(opt, sched(step))
-        loss = criterion(model(x), y)
-        optimizer_step("fine-tune", loss, model, opt, step, total, cfg.get("clip_grad"))
-    np.random.set_state(numpy_state)  # noqa: NPY002
+        return criterion(model(x), y), None
 
-    model.eval()
+    loader = train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
+    try:
+        fit = fine_tune(
+            model, loader, loss_fn, cfg, num_layers=len(encoder.blocks), prefix="encoder.", batch=batch
+        )
+    finally:
+        np.random.set_state(numpy_state)  # noqa: NPY002
+
     logits, labels = [], []
-    with torch.no_grad():
-        for x, y in DataLoader(val_set, int(cfg.get("eval_batch_size", 64)), num_workers=workers):
-            logits.append(model(x.to(device)).float().cpu())
-            labels.append(y)
+
+    def predict(batch_xy: tuple[Tensor, Tensor]) -> None:
+        logits.append(model(batch_xy[0].to(device)).float().cpu())
+        labels.append(batch_xy[1])
+
+    evaluate(model, DataLoader(val_set, cfg.eval_batch_size, num_workers=cfg.num_workers), predict)
     metrics = evaluate_logits(torch.cat(logits), torch.cat(labels))
     metrics.update(
         num_classes=num_classes,
         train_images=len(train_set),
         val_images=len(val_set),
-        steps=total,
-        final_loss=round(float(loss.item()), 4),
+        steps=fit.steps,
+        final_loss=fit.final_loss,
         seconds=round(time.perf_counter() - t0, 2),
         encoder=info["path"],
     )

@@ -7,7 +7,6 @@ detection, where torchvision's Mask R-CNN transform normalises inside the model.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,19 +201,16 @@ class SegmentationSet(Dataset):
         return normalize(img.clamp(0, 1)), mask
 
 
-def train_loader(
-    dataset: Dataset, cfg: dict[str, Any], default_batch: int, seed: int, **kwargs: Any
-) -> DataLoader:
-    """A task's shuffled training loader: ``batch_size`` (capped at the set), ``num_workers``, seeded."""
-    workers = int(cfg.get("num_workers", 0))
+def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, **kwargs: Any) -> DataLoader:
+    """A task's shuffled training loader: ``batch_size`` capped at the set, seeded, no partial batch."""
     return DataLoader(
         dataset,
-        min(int(cfg.get("batch_size", default_batch)), len(dataset)),
+        min(int(batch_size), len(dataset)),
         shuffle=True,
         drop_last=True,
-        num_workers=workers,
+        num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=workers > 0,
+        persistent_workers=num_workers > 0,
         **kwargs,
     )
 
@@ -225,10 +221,6 @@ def collate_eval(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tenso
 
 
 # ------------------------------------------------------------------------------------ detection
-def coco_json_path(source: str, split: str, root: str | Path = "data/03_primary") -> Path:
-    return Path(root) / f"instances_{source}_{split}.json"
-
-
 def category_maps(coco: dict) -> tuple[dict[int, int], dict[int, int]]:
     """COCO category id -> contiguous label 1..K (0 = background for torchvision) and back."""
     ids = sorted(int(c["id"]) for c in coco["categories"])

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
-from maelab.transfer.backbone import adamw, apply_lr, param_groups_lrd, task_encoder
-from maelab.transfer.classification import forever, optimizer_step, pick_device
+from maelab.transfer.backbone import task_encoder
+from maelab.transfer.config import SegmentationConfig
 from maelab.transfer.data import IGNORE_INDEX, SegmentationSet, collate_eval, select, train_loader
+from maelab.transfer.loop import evaluate, fine_tune, start
 
 log = logging.getLogger(__name__)
 
@@ -150,119 +151,77 @@ def miou_from_confusion(cm: Tensor) -> dict[str, Any]:
     }
 
 
-def poly_lr(
-    step: int, base: float, total: int, warmup: int, power: float = 1.0, min_lr: float = 0.0
-) -> float:
-    """mmseg's MAE/BEiT schedule: linear warm-up (from 1e-6 x), then polynomial decay to ``min_lr``."""
-    if step < warmup:
-        return base * (1e-6 + (1 - 1e-6) * step / warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return (base - min_lr) * (1 - progress) ** power + min_lr
-
-
 # ------------------------------------------------------------------------------------------- task
-def resolve_num_classes(data: dict[str, Any]) -> int:
-    """``data.num_classes``, or the categories of ``instances_<source>_<train_split>.json`` (+1 for label 0 =
-    background unless ``reduce_zero_label``)."""
-    if data.get("num_classes"):
-        return int(data["num_classes"])
-    from maelab.data.cocojson import read_json
-    from maelab.transfer.data import coco_json_path
-
-    path = coco_json_path(
-        data.get("sources", ["scenes"])[0],
-        data.get("train_split", "train"),
-        data.get("json_root", "data/03_primary"),
-    )
-    cats = read_json(path).get("categories")
+def resolve_num_classes(cfg: SegmentationConfig, train_annotations: dict | None) -> int:
+    """``data.num_classes``, or the categories of the train split's COCO-format annotations (+1 for label
+    0 = background unless ``reduce_zero_label``)."""
+    data = cfg.data
+    if data.num_classes:
+        return int(data.num_classes)
+    cats = (train_annotations or {}).get("categories")
     if not cats:
         raise ValueError(
-            f"{path}: field categories is empty; set transfer.tasks.segmentation.data.num_classes"
+            f"coco_annotations instances_{data.sources[0]}_{data.train_split}: field categories is missing "
+            "or empty; set transfer.tasks.segmentation.data.num_classes"
         )
-    return len(cats) + (0 if data.get("reduce_zero_label") else 1)
+    return len(cats) + (0 if data.reduce_zero_label else 1)
 
 
 def _train_eval_once(
     manifest: pd.DataFrame,
     encoder_ref: str | None,
     default_config: dict[str, Any],
-    cfg: dict[str, Any],
+    cfg: SegmentationConfig,
+    num_classes: int,
     seed: int,
 ) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    device = pick_device(cfg.get("device"))
-    data = cfg.get("data", {})
-    sources = data.get("sources", ["scenes"])
-    size = int(cfg.get("img_size", 512))
-    reduce_zero = bool(data.get("reduce_zero_label", False))
-    train_rows = select(
-        manifest, sources, data.get("train_split", "train"), "mask_path", data.get("max_train_images")
-    )
-    eval_rows = select(
-        manifest, sources, data.get("eval_split", "val"), "mask_path", data.get("max_eval_images")
-    )
-    num_classes = resolve_num_classes(data)
-    train_set = SegmentationSet(
-        train_rows, size, True, tuple(cfg.get("crop_scale", (0.5, 1.0))), reduce_zero, seed
-    )
-    eval_set = SegmentationSet(eval_rows, size, False, reduce_zero_label=reduce_zero)
+    device = start(cfg, seed)
+    data = cfg.data
+    size = int(cfg.img_size)
+    train_rows = select(manifest, data.sources, data.train_split, "mask_path", data.max_train_images)
+    eval_rows = select(manifest, data.sources, data.eval_split, "mask_path", data.max_eval_images)
+    train_set = SegmentationSet(train_rows, size, True, cfg.crop_scale, data.reduce_zero_label, seed)
+    eval_set = SegmentationSet(eval_rows, size, False, reduce_zero_label=data.reduce_zero_label)
 
     encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
-    aux_weight = float(cfg.get("aux_weight", 0.4))
     model = ViTUperNet(
         encoder,
         num_classes,
-        cfg.get("out_indices"),
-        int(cfg.get("decoder_channels", 512)),
-        aux_channels=int(cfg.get("aux_channels", 256)) if aux_weight > 0 else 0,
+        list(cfg.out_indices) if cfg.out_indices else None,
+        cfg.decoder_channels,
+        aux_channels=cfg.aux_channels if cfg.aux_weight > 0 else 0,
     ).to(device)
-    groups = param_groups_lrd(
-        model,
-        float(cfg.get("weight_decay", 0.05)),
-        float(cfg.get("layer_decay", 0.65)),
-        len(encoder.blocks),
-        no_weight_decay={"cls_token", "pos_embed"},
-        prefix="encoder.",
-    )
-    lr = float(cfg.get("lr", 1e-4))
-    opt = adamw(groups, lr, (0.9, 0.999))
-    workers = int(cfg.get("num_workers", 0))
-    loader = train_loader(train_set, cfg, 16, seed)
-    total = int(cfg.get("steps", 160_000))
-    warmup = min(total, int(cfg.get("warmup_steps", 1500)))
 
-    t0 = time.perf_counter()
-    model.train()
-    batches, loss = forever(loader), torch.tensor(float("nan"))
-    for step in range(total):
-        x, y = next(batches)
-        apply_lr(opt, poly_lr(step, lr, total, warmup))
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, None]:
+        x, y = batch
         y = y.to(device)
         logits, aux = model.forward_with_aux(x.to(device))
         loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
         if aux is not None:  # mmseg: auxiliary FCN loss, weight 0.4
-            loss = loss + aux_weight * F.cross_entropy(aux, y, ignore_index=IGNORE_INDEX)
-        optimizer_step("segmentation", loss, model, opt, step, total)
-    t_train = time.perf_counter() - t0
+            loss = loss + cfg.aux_weight * F.cross_entropy(aux, y, ignore_index=IGNORE_INDEX)
+        return loss, None
 
-    model.eval()
+    loader = train_loader(train_set, cfg.batch_size, cfg.num_workers, seed)
+    fit = fine_tune(model, loader, loss_fn, cfg, num_layers=len(encoder.blocks), prefix="encoder.")
+
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with torch.no_grad():
-        for x, masks in DataLoader(
-            eval_set, int(cfg.get("eval_batch_size", 8)), collate_fn=collate_eval, num_workers=workers
-        ):
-            logits = model(x.to(device)).float().cpu()
-            for lg, m in zip(logits, masks, strict=True):  # logits back to the mask's own size
-                pred = F.interpolate(lg[None], size=m.shape, mode="bilinear", align_corners=False)[0].argmax(
-                    0
-                )
-                cm += confusion_matrix(pred, m, num_classes)
+
+    def predict(batch: tuple[Tensor, list[Tensor]]) -> None:
+        nonlocal cm
+        x, masks = batch
+        logits = model(x.to(device)).float().cpu()
+        for lg, m in zip(logits, masks, strict=True):  # logits back to the mask's own size
+            pred = F.interpolate(lg[None], size=m.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+            cm += confusion_matrix(pred, m, num_classes)
+
+    loader = DataLoader(eval_set, cfg.eval_batch_size, collate_fn=collate_eval, num_workers=cfg.num_workers)
+    evaluate(model, loader, predict)
     out = miou_from_confusion(cm)
     out.update(
         seed=seed,
-        steps=total,
-        final_loss=round(float(loss.item()), 4),
-        train_seconds=round(t_train, 2),
+        steps=fit.steps,
+        final_loss=fit.final_loss,
+        train_seconds=round(fit.seconds, 2),
         train_images=len(train_set),
         eval_images=len(eval_set),
         encoder=info["path"],
@@ -271,18 +230,26 @@ def _train_eval_once(
 
 
 def run_segmentation(
-    manifest: pd.DataFrame, encoder_ref: str | None, default_config: dict[str, Any], cfg: dict[str, Any]
+    manifest: pd.DataFrame,
+    encoder_ref: str | None,
+    default_config: dict[str, Any],
+    cfg: SegmentationConfig,
+    train_annotations: dict | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune UperNet for each seed in ``cfg["seeds"]``; ``miou`` is the mean over seeds (percent)."""
+    """Fine-tune UperNet for each seed in ``cfg.seeds``; ``miou`` is the mean over seeds (percent).
+
+    train_annotations: the train split's COCO-format JSON (its categories give the class count unless
+    ``data.num_classes`` is set).
+    """
     t0 = time.perf_counter()
-    seeds = [int(s) for s in cfg.get("seeds", [0])]
-    runs = [_train_eval_once(manifest, encoder_ref, default_config, cfg, s) for s in seeds]
+    num_classes = resolve_num_classes(cfg, train_annotations)
+    runs = [_train_eval_once(manifest, encoder_ref, default_config, cfg, num_classes, s) for s in cfg.seeds]
     mious = [r["miou"] for r in runs]
     return {
         "miou": float(np.mean(mious)),
         "miou_std": float(np.std(mious)),
         "pixel_acc": float(np.mean([r["pixel_acc"] for r in runs])),
-        "num_classes": resolve_num_classes(cfg.get("data", {})),
+        "num_classes": num_classes,
         "runs": runs,
         "seconds": round(time.perf_counter() - t0, 2),
     }

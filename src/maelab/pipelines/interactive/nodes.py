@@ -9,15 +9,16 @@ from typing import Any
 
 from PIL import Image
 
-from maelab.config import resolve_recipe
+from maelab.pipelines.coco import instances
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_interactive_segmentation(
-    encoder_path: str, params: dict[str, Any], recipes: dict[str, Any], recipe_defaults: dict[str, Any]
+    recipe: dict[str, Any], checkpoint: str, coco_annotations: dict[str, Any], params: dict[str, Any]
 ) -> tuple[dict[str, Any], Image.Image]:
-    """``encoder_path``: the pre-training node's output (its folder holds ``checkpoint.pt``)."""
+    """recipe / checkpoint: the pre-training run's resolved recipe and its ``checkpoint.pt`` path;
+    coco_annotations: the ingest's COCO-format annotations (``params["annotations"]`` names the partition)."""
     from maelab.analysis.interactive import (  # torch: imported when the node runs, not at registry
         evaluate_interactive,
         example_figure,
@@ -25,13 +26,17 @@ def evaluate_interactive_segmentation(
         scenes_samples,
     )
 
-    name = params.get("recipe", "rmae")
-    recipe = resolve_recipe({"recipes": recipes, "recipe_defaults": recipe_defaults}, name)
-    checkpoint = Path(str(encoder_path).strip()).with_name("checkpoint.pt")
+    name = recipe["name"]
+    checkpoint = Path(str(checkpoint).strip())
     model = model_from_checkpoint(recipe, checkpoint)
-    samples = scenes_samples(
-        params["annotations"], params["root"], model.encoder.img_size, params.get("limit")
-    )
+    coco = instances(coco_annotations, params["annotations"])
+    root = params.get("root") or (coco.get("info") or {}).get("maelab_root")
+    if not root:
+        raise ValueError(
+            f"coco_annotations/{params['annotations']}: field info.maelab_root is missing (the file was not "
+            "written by ingest); set interactive.root to the images' folder"
+        )
+    samples = scenes_samples(coco, root, model.encoder.img_size, params.get("limit"))
     seed, threshold = int(params.get("seed", 0)), float(params.get("threshold", 0.5))
     results = []
     for prompt in params.get("prompts") or []:

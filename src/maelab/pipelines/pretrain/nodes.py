@@ -1,8 +1,9 @@
-"""Pre-training node: resolve the recipe from parameters, train in-process (one device) or through
-torchrun (``train.devices > 1``), and return the report and the encoder path."""
+"""Pre-training nodes: resolve a recipe from parameters once; train it in-process (one device) or through
+torchrun (``train.devices > 1``) and return the report, the encoder path and the checkpoint path."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -14,12 +15,14 @@ from typing import Any
 import pandas as pd
 
 from maelab.config import resolve_recipe
+from maelab.regions.store import RegionStore
 
 log = logging.getLogger(__name__)
 
 
-def recipe_from_params(recipes: dict[str, Any], recipe_defaults: dict[str, Any], name: str) -> dict[str, Any]:
-    return resolve_recipe({"recipes": recipes, "recipe_defaults": recipe_defaults}, name)
+def resolve(recipes: dict[str, Any], recipe_defaults: dict[str, Any], *, recipe_name: str) -> dict[str, Any]:
+    """The full recipe ``recipe_name`` (``recipe_defaults`` deep-merged with ``recipes.<name>``)."""
+    return resolve_recipe({"recipes": recipes, "recipe_defaults": recipe_defaults}, recipe_name)
 
 
 PICTURES = "maelab.analysis.viz:training_pictures"  # what the engine logs as pictures (train draws none)
@@ -69,47 +72,54 @@ def launch_torchrun(
     return json.loads((out / RESULT).read_text())
 
 
+def with_region_store(recipe: dict[str, Any], region_store: RegionStore | None) -> dict[str, Any]:
+    """The recipe with ``data.regions.store`` set to its source's folder in the ``region_store`` dataset."""
+    regions = recipe.get("data", {}).get("regions")
+    if not regions:
+        return recipe
+    if region_store is None:
+        raise ValueError(
+            f"recipe {recipe.get('name')!r} reads regions (data.regions) but its pipeline has no "
+            "region_store input"
+        )
+    recipe = copy.deepcopy(recipe)
+    recipe["data"]["regions"]["store"] = str(region_store[regions.get("source", "fh")].path)
+    return recipe
+
+
 def pretrain(
     manifest: pd.DataFrame,
-    recipes: dict[str, Any],
-    recipe_defaults: dict[str, Any],
-    *upstream: Any,
-    recipe_name: str,
-) -> tuple[dict[str, Any], str]:
-    """Train ``recipe_name`` -> (report, encoder path). MLflow: ``conf/$KEDRO_ENV/mlflow.yml``.
+    recipe: dict[str, Any],
+    run_env: str | None,
+    region_store: RegionStore | None = None,
+) -> tuple[dict[str, Any], str, str]:
+    """Train a resolved recipe -> (report, encoder path, checkpoint path).
 
-    ``upstream`` are outputs this run must wait for (e.g. the region store's report), not read here.
+    run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
+    region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
     """
     from maelab.train.engine import train
 
-    recipe = recipe_from_params(recipes, recipe_defaults, recipe_name)
-    env = os.environ.get("KEDRO_ENV")
+    recipe = with_region_store(recipe, region_store)
     devices = int(recipe["train"].get("devices") or 1)
     if devices > 1:
-        report = launch_torchrun(recipe, manifest, devices, env)
+        report = launch_torchrun(recipe, manifest, devices, run_env)
     else:
         from maelab.analysis.viz import training_pictures
         from maelab.config import mlflow_settings
 
-        report = train(recipe, manifest, mlflow=mlflow_settings(env), pictures=training_pictures).report()
+        report = train(recipe, manifest, mlflow=mlflow_settings(run_env), pictures=training_pictures).report()
     log.info(
         "pretrain %s: %d steps, loss %.4f -> %.4f, %.1f img/s, %.0f s",
-        recipe_name,
+        recipe["name"],
         report["steps"],
         report["first_loss"],
         report["last_loss"],
         report["images_per_s"],
         report["wall_s"],
     )
-    register(report, recipe, env)
-    return report, str(Path(report["encoder_path"]))
-
-
-def pretrain_configured(
-    manifest: pd.DataFrame, recipes: dict[str, Any], recipe_defaults: dict[str, Any], recipe_name: str
-) -> tuple[dict[str, Any], str]:
-    """``pretrain`` for the recipe named in parameters (``params:pretrain.recipe``)."""
-    return pretrain(manifest, recipes, recipe_defaults, recipe_name=recipe_name)
+    register(report, recipe, run_env)
+    return report, str(Path(report["encoder_path"])), str(Path(report["checkpoint_path"]))
 
 
 def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) -> None:

@@ -1,48 +1,44 @@
-"""``pretrain``: ``pretrain_pipeline("mae")`` trains the recipe ``mae`` -> ``pretrain_mae_report``
-(``data/08_reporting/pretrain_mae.json``) and ``pretrain_mae_encoder`` (the encoder file's path).
+"""``pretrain_<recipe>``: one pipeline per recipe in ``parameters_pretrain.yml`` (made by the registry).
 
-``create_pipeline()`` (registered as ``pretrain``) trains the recipe named in ``params:pretrain.recipe``.
+    params:recipes + params:recipe_defaults -> resolve_recipe -> pretrain_<recipe>_recipe
+    manifest + pretrain_<recipe>_recipe + run_env [+ region_store] -> train
+        -> pretrain_<recipe>_report, pretrain_<recipe>_encoder, pretrain_<recipe>_checkpoint
+
+The nodes are grouped under the namespace ``pretrain_<recipe>`` (kedro viz); dataset names stay global so a
+composed pipeline (``rmae_full``) connects them to regions, transfer and interactive.
 """
 
 from __future__ import annotations
 
 from functools import partial, update_wrapper
 
-from kedro.pipeline import Pipeline, node, pipeline
+from kedro.pipeline import Pipeline, node
 
 from maelab.pipelines.pretrain import nodes
 
-INPUTS = ["manifest", "params:recipes", "params:recipe_defaults"]
 
-
-def pretrain_pipeline(recipe_name: str, after: tuple[str, ...] = ()) -> Pipeline:
-    """The pipeline that trains one named recipe (the registry adds ``pretrain_<name>`` for each).
-
-    ``after``: datasets the run must wait for in a composed pipeline (``regions_report`` for R-MAE).
-    """
-    func = update_wrapper(partial(nodes.pretrain, recipe_name=recipe_name), nodes.pretrain)
-    return pipeline(
+def create_pipeline(recipe: str, uses_regions: bool = False, **kwargs) -> Pipeline:
+    """The pipeline that trains ``recipe``; ``uses_regions``: the recipe reads the region store (R-MAE)."""
+    resolve = update_wrapper(partial(nodes.resolve, recipe_name=recipe), nodes.resolve)
+    inputs = {"manifest": "manifest", "recipe": f"pretrain_{recipe}_recipe", "run_env": "run_env"}
+    if uses_regions:
+        inputs["region_store"] = "region_store"
+    return Pipeline(
         [
             node(
-                func,
-                [*INPUTS, *after],
-                [f"pretrain_{recipe_name}_report", f"pretrain_{recipe_name}_encoder"],
-                name=f"pretrain_{recipe_name}",
-                tags=["pretrain"],
-            )
-        ]
-    )
-
-
-def create_pipeline(**kwargs) -> Pipeline:
-    return pipeline(
-        [
+                resolve,
+                ["params:recipes", "params:recipe_defaults"],
+                f"pretrain_{recipe}_recipe",
+                name="resolve_recipe",
+            ),
             node(
-                nodes.pretrain_configured,
-                [*INPUTS, "params:pretrain.recipe"],
-                ["pretrain_report", "pretrain_encoder"],
-                name="pretrain",
-                tags=["pretrain"],
-            )
-        ]
+                nodes.pretrain,
+                inputs,
+                [f"pretrain_{recipe}_report", f"pretrain_{recipe}_encoder", f"pretrain_{recipe}_checkpoint"],
+                name="train",
+            ),
+        ],
+        namespace=f"pretrain_{recipe}",
+        prefix_datasets_with_namespace=False,
+        tags=["pretrain"],
     )

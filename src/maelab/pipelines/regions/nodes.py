@@ -27,8 +27,9 @@ def check_manifest(manifest: pd.DataFrame) -> None:
 
 def compute_regions(
     manifest: pd.DataFrame, region_store: RegionStore, params: dict[str, Any]
-) -> dict[str, Any]:
-    """Bring every source in ``params["compute"]`` up to date for its selected images; return the run report.
+) -> tuple[RegionStore, dict[str, Any]]:
+    """Bring every source in ``params["compute"]`` up to date for its selected images; return the store
+    (written shard by shard through this handle) and the run report.
 
     Quarantined images are absent from the manifest, so they are never computed; with ``prune`` their stale
     maps (and those of deleted images) leave the index. ``params["shard"] = {index, count}`` (set by the
@@ -66,4 +67,4 @@ def compute_regions(
             progress=bool(params.get("progress", True)),
             exclusive=not sharded,
         )
-    return {"store": str(region_store.path), "shard": shard or None, "sources": report}
+    return region_store, {"store": str(region_store.path), "shard": shard or None, "sources": report}

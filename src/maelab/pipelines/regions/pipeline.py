@@ -1,4 +1,10 @@
-"""The ``regions`` pipeline: manifest -> region store (incremental, parallel, safe to kill)."""
+"""The ``regions`` pipeline: manifest -> region store (incremental, parallel, safe to kill).
+
+    manifest + region_store_previous + params:regions -> compute_regions -> region_store, regions_report
+
+``region_store_previous`` and ``region_store`` are the same folder: the node adds what the earlier runs did
+not store, writing shard by shard through the handle, and hands the store on to pre-training (R-MAE).
+"""
 
 from kedro.pipeline import Pipeline, node
 
@@ -10,8 +16,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 compute_regions,
-                inputs=["manifest", "region_store", "params:regions"],
-                outputs="regions_report",
+                inputs=["manifest", "region_store_previous", "params:regions"],
+                outputs=["region_store", "regions_report"],
                 name="compute_regions",
             )
         ]

@@ -1,4 +1,4 @@
-"""``report``: consumes ``transfer_<encoder>_metrics`` for every encoder (the transfer pipeline's list)."""
+"""``report``: ``transfer_<encoder>_metrics`` for every encoder -> report.json, tables, figure."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from functools import partial, update_wrapper
 from kedro.pipeline import Pipeline, node
 
 from maelab.pipelines.report.nodes import build_report
-from maelab.pipelines.transfer.pipeline import configured_encoders, metrics_dataset
+from maelab.pipelines.transfer.pipeline import metrics_dataset
 
 
-def create_pipeline(encoders: list[str] | None = None, **kwargs) -> Pipeline:
-    encoders = list(encoders) if encoders else configured_encoders()
+def create_pipeline(encoders: list[str], **kwargs) -> Pipeline:
+    """Rows in ``encoders`` order (the registry passes the transfer pipeline's list)."""
     return Pipeline(
         [
             node(
-                update_wrapper(partial(build_report, encoders), build_report),
+                update_wrapper(partial(build_report, list(encoders)), build_report),
                 inputs=["params:transfer", "params:report", "params:recipe_defaults", "params:recipes"]
                 + [metrics_dataset(e) for e in encoders],
                 outputs=["report", "report_table_md", "report_table_csv", "report_plot"],

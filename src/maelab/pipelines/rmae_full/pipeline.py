@@ -1,29 +1,42 @@
-"""``rmae_full``: raw images -> the side-by-side table. ingest -> regions -> pre-train R-MAE and the MAE
-baseline -> transfer (linear probe, fine-tune, detection, segmentation) for both and a random-init
-encoder -> report, and R-MAE's interactive segmentation. Everything is read from parameters; the data
-flow orders the stages."""
+"""``rmae_full``: raw images -> the side-by-side table, every stage joined by catalog datasets:
+
+    ingest -> manifest, coco_annotations
+    regions -> region_store -> pretrain_<recipe> for every recipe among the compared encoders
+    pretrain_<recipe>_encoder -> transfer (linear probe, fine-tune, detection, segmentation) -> report
+    pretrain_<interactive recipe>_recipe / _checkpoint + coco_annotations -> interactive
+
+The registry passes the encoders (``rmae_full.encoders`` in the parameters), which of them are recipes,
+and the pre-training pipelines built from the recipes.
+"""
 
 from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
 from maelab.pipelines import ingest, interactive, regions, report, transfer
-from maelab.pipelines.pretrain.pipeline import pretrain_pipeline
-
-PRETRAINED = ("rmae", "mae")
-ENCODERS = (*PRETRAINED, "random_init")
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    pretrain = pretrain_pipeline("rmae", after=("regions_report",)) + pretrain_pipeline("mae")
-    evaluate = transfer.create_pipeline(
-        encoders=list(ENCODERS), encoder_inputs={name: f"pretrain_{name}_encoder" for name in PRETRAINED}
+def create_pipeline(
+    encoders: list[str],
+    pretrain: dict[str, Pipeline],
+    transfer_params: dict,
+    interactive_recipe: str | None = "rmae",
+    **kwargs,
+) -> Pipeline:
+    """``pretrain``: recipe name -> its pipeline; the encoders that are recipes are pre-trained here."""
+    trained = [name for name in encoders if name in pretrain]
+    pipe = ingest.create_pipeline() + regions.create_pipeline()
+    for name in trained:
+        pipe += pretrain[name]
+    pipe += transfer.create_pipeline(
+        encoders, transfer_params, encoder_inputs={name: f"pretrain_{name}_encoder" for name in trained}
     )
-    return (
-        ingest.create_pipeline()
-        + regions.create_pipeline()
-        + pretrain
-        + evaluate
-        + report.create_pipeline(encoders=list(ENCODERS))
-        + interactive.create_pipeline("rmae")
-    )
+    pipe += report.create_pipeline(encoders)
+    if interactive_recipe:
+        if interactive_recipe not in trained:
+            raise ValueError(
+                f"parameters interactive.recipe: {interactive_recipe!r} is not pre-trained in rmae_full "
+                f"(rmae_full.encoders that are recipes: {trained})"
+            )
+        pipe += interactive.create_pipeline(interactive_recipe)
+    return pipe

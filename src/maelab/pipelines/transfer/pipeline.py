@@ -1,7 +1,10 @@
-"""``transfer``: one node per (encoder, task), grouped under namespace ``transfer.<encoder>`` in kedro viz.
+"""``transfer``: one node per (encoder, enabled task), namespace ``transfer.<encoder>`` in kedro viz.
 
-Compose with ``create_pipeline(encoders=["rmae", "mae", "random_init"])``; tasks switch off in
-parameters (``transfer.tasks.<task>.enabled``) or here (``tasks=[...]``).
+    manifest + params:transfer + params:recipe_defaults [+ coco_annotations] [+ pretrain_<e>_encoder]
+        -> <task> -> transfer_<e>_<task> ... -> collect -> transfer_<e>_metrics
+
+The registry builds it from the parameters (``transfer.evaluate``, the enabled tasks); a composed pipeline
+passes ``encoder_inputs`` so transfer reads what pre-training wrote.
 """
 
 from __future__ import annotations
@@ -10,22 +13,8 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node
 
-from maelab.pipelines.transfer.nodes import TASKS, collect_metrics, run_task
-
-DEFAULT_ENCODERS = ("mae", "rmae", "random_init")
-
-
-def configured_encoders() -> list[str]:
-    """Encoder names from the project's parameters: ``transfer.evaluate`` (a list, so an env replaces it
-    whole; ``encoders`` is a dict and merges), else the keys of ``transfer.encoders``, else the defaults."""
-    try:
-        from maelab.config import load_config
-
-        transfer = load_config("parameters").get("transfer") or {}
-        names = list(transfer.get("evaluate") or transfer.get("encoders") or [])
-    except Exception:
-        names = []
-    return names or list(DEFAULT_ENCODERS)
+from maelab.pipelines.transfer.nodes import collect_metrics, needs_annotations, run_task
+from maelab.transfer.config import TASKS, task_config
 
 
 def _bind(func, **kwargs):
@@ -36,36 +25,54 @@ def metrics_dataset(encoder: str) -> str:
     return f"transfer_{encoder}_metrics"
 
 
+def evaluated_encoders(transfer: dict) -> list[str]:
+    """``transfer.evaluate`` (a list, so an env replaces it whole), else the keys of ``transfer.encoders``."""
+    names = list(transfer.get("evaluate") or transfer.get("encoders") or [])
+    if not names:
+        raise ValueError("parameters transfer: neither `evaluate` nor `encoders` names an encoder")
+    return names
+
+
 def create_pipeline(
-    encoders: list[str] | None = None,
-    tasks: list[str] | None = None,
+    encoders: list[str],
+    transfer: dict,
     encoder_inputs: dict[str, str] | None = None,
+    tasks: list[str] | None = None,
     **kwargs,
 ) -> Pipeline:
-    """``encoder_inputs`` maps an encoder name to the dataset holding its file path (e.g.
-    ``pretrain_rmae_encoder``), so a composed pipeline runs transfer after pre-training."""
-    encoders = list(encoders) if encoders else configured_encoders()
-    tasks = list(tasks) if tasks else list(TASKS)
+    """``transfer``: the parameters' ``transfer`` block (tasks switched off there get no node; their
+    metrics say ``disabled``). ``encoder_inputs`` maps an encoder name to the dataset holding its file path
+    (e.g. ``pretrain_rmae_encoder``)."""
+    tasks = list(tasks or TASKS)
+    configs = {task: task_config(task, transfer) for task in tasks}  # a misspelt key fails here, at once
+    ran = [task for task in tasks if configs[task].enabled]
     encoder_inputs = encoder_inputs or {}
     nodes = []
     for enc in encoders:
-        upstream = [encoder_inputs[enc]] if enc in encoder_inputs else []
-        for task in tasks:
+        for task in ran:
+            inputs = {
+                "manifest": "manifest",
+                "transfer": "params:transfer",
+                "recipe_defaults": "params:recipe_defaults",
+            }
+            if needs_annotations(configs[task]):
+                inputs["coco_annotations"] = "coco_annotations"
+            if enc in encoder_inputs:
+                inputs["encoder_path"] = encoder_inputs[enc]
             nodes.append(
                 node(
                     _bind(run_task, encoder=enc, task=task),
-                    inputs=["manifest", "params:transfer", "params:recipe_defaults", *upstream],
+                    inputs=inputs,
                     outputs=f"transfer_{enc}_{task}",
                     name=task,
                     namespace=f"transfer.{enc}",
                     tags=["transfer", task],
                 )
             )
-        collect = update_wrapper(partial(collect_metrics, enc, tasks), collect_metrics)
         nodes.append(
             node(
-                collect,
-                inputs=[f"transfer_{enc}_{task}" for task in tasks],
+                _bind(collect_metrics, encoder=enc, tasks=tasks, ran=ran),
+                inputs=[f"transfer_{enc}_{task}" for task in ran],
                 outputs=metrics_dataset(enc),
                 name="collect",
                 namespace=f"transfer.{enc}",

@@ -1,0 +1,45 @@
+import pytest
+
+from maelab.config import load_config
+from maelab.transfer.config import (
+    ConfigError,
+    DetectionConfig,
+    FineTuneConfig,
+    SegmentationConfig,
+    task_config,
+)
+
+
+def test_a_misspelt_key_names_the_key_and_the_task():
+    transfer = {"tasks": {"finetune": {"layer_decayy": 0.7}}}
+    with pytest.raises(ConfigError, match=r"transfer\.tasks\.finetune: unknown key 'layer_decayy'"):
+        task_config("finetune", transfer)
+    with pytest.raises(ConfigError, match=r"transfer\.tasks\.detection\.data: unknown key 'evaluatr'"):
+        task_config("detection", {"tasks": {"detection": {"data": {"evaluatr": "lvis"}}}})
+    with pytest.raises(ConfigError, match=r"transfer\.tasks: unknown task\(s\) \['segmentaton'\]"):
+        task_config("finetune", {"tasks": {"segmentaton": {}}})
+
+
+def test_defaults_are_held_by_the_config_and_parameters_override_them():
+    cfg = task_config("finetune", {"device": "cpu", "data": {"max_eval_images": 9}, "tasks": {}})
+    assert isinstance(cfg, FineTuneConfig)
+    assert (cfg.layer_decay, cfg.blr, cfg.device, cfg.data.max_eval_images) == (0.75, 5e-4, "cpu", 9)
+    det = task_config("detection", {"tasks": {"detection": {"layer_decay": 0.5, "lsj": [0.5, 1.5]}}})
+    assert isinstance(det, DetectionConfig) and det.layer_decay == 0.5 and det.lsj == (0.5, 1.5)
+    assert det.data.evaluator == "coco" and SegmentationConfig().layer_decay == 0.65
+
+
+def test_bad_values_fail_with_the_field():
+    with pytest.raises(ConfigError, match="detection.img_size: 100 must be a multiple of 32"):
+        task_config("detection", {"tasks": {"detection": {"img_size": 100}}})
+    with pytest.raises(ConfigError, match="linear_probe.pool: expected cls | mean"):
+        task_config("linear_probe", {"tasks": {"linear_probe": {"pool": "max"}}})
+    with pytest.raises(ConfigError, match=r"transfer\.tasks\.segmentation\.data: expected a mapping"):
+        task_config("segmentation", {"tasks": {"segmentation": {"data": [1]}}})
+
+
+@pytest.mark.parametrize("env", [None, "coco", "imagenet", "ade20k"])
+def test_every_configured_env_parses(env):
+    transfer = load_config("parameters", env)["transfer"]
+    for task in ("linear_probe", "finetune", "detection", "segmentation"):
+        task_config(task, transfer)
