@@ -26,3 +26,18 @@ def test_gmacs_track_mask_ratio_and_decoder():
     assert count_gmacs(less_kept) < gm
     deeper = {**base, "heads": {"pixel": {**base["heads"]["pixel"], "depth": 4}}}
     assert count_gmacs(deeper) > gm
+
+
+def test_longseq_448_is_about_4x_the_384d_mae(capsys):
+    """Long-seq MAE §3.3: L = 784 at 448 px costs ~4x the L = 196 MAE with the same 384-d decoder (App. A)."""
+
+    def gmacs(recipe: str) -> float:
+        assert cli(argparse.Namespace(recipe=recipe, env="coco", json=True)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gmacs"]
+
+    longseq, baseline = gmacs("longseq_448"), gmacs("longseq_baseline")
+    assert longseq == pytest.approx(33.1, abs=0.7)
+    assert baseline == pytest.approx(7.5, abs=0.2)
+    assert 3.5 < longseq / baseline < 5.0
+    shorter = gmacs("longseq_2e_ld196")  # Tab. 2e row 3: the decoder on 196 tokens is much cheaper
+    assert shorter < longseq - 10

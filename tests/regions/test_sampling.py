@@ -6,7 +6,7 @@ import torch
 
 from maelab.data.view import View
 from maelab.masking.plan import MaskPlan
-from maelab.regions.sampling import RegionExtra, eligible_segments
+from maelab.regions.sampling import RegionExtra, eligible_segments, region_mask_ratio
 from maelab.regions.store import SourceStore
 
 H, W, P = 48, 64, 8  # source image; views are 32x32 with 8-px patches -> L = 16
@@ -164,3 +164,37 @@ def test_errors_and_from_params(tmp_path):
         extra({"plan": MaskPlan.from_noise(torch.rand(15), 0.75)}, _row("a"), view, torch.Generator())
     with pytest.raises(ValueError, match="fallback"):
         RegionExtra(store, fallback="largest")
+
+
+def test_eligibility_uses_the_region_plan(tmp_path):
+    """R-MAE Fig. 4a (beta_R != beta_I): a segment seen only in patches the region plan masks is not drawn."""
+    labels = np.ones((1, H, W), np.int64)  # view 32x32 = the top-left 32x32 of the 48x64 source, 4x4 patches
+    labels[0, 0:8, 0:8] = 2  # patch 0 only
+    store = _store(tmp_path, {"a": labels})
+    view = View(0, 0, 32, 32, (32, 32), False)
+    # image plan keeps patches 0, 5 (in this shuffle order); the region plan at beta_R = 15/16 keeps only 5
+    rest = [i for i in range(16) if i not in (5, 0)]
+    plan = MaskPlan.from_shuffle(torch.tensor([5, 0, *rest]), 2)
+    heads = {"pixel": {"type": "pixel_decoder"}, "region": {"type": "region", "mask_ratio": 15 / 16}}
+    by_image = RegionExtra(store, k=8)
+    by_region = RegionExtra.from_params({"source": "fh", "k": 8}, root=tmp_path, heads=heads)
+    assert by_region.mask_ratio == pytest.approx(15 / 16) and by_image.mask_ratio is None
+
+    def labels_drawn(extra: RegionExtra) -> set[int]:
+        drawn = set()
+        for seed in range(10):
+            sample = {"plan": plan}
+            extra(sample, _row("a"), view, torch.Generator().manual_seed(seed))
+            drawn |= {2 if bool(r[0, 0]) else 1 for r in sample["regions"]}
+        return drawn
+
+    assert labels_drawn(by_image) == {1, 2}  # patch 0 is visible to the image
+    assert labels_drawn(by_region) == {1}  # ... but masked for the regions
+
+
+def test_region_mask_ratio_from_heads():
+    assert region_mask_ratio(None) is None
+    assert region_mask_ratio({"pixel": {"type": "pixel_decoder"}, "region": {"type": "region"}}) is None
+    assert region_mask_ratio({"r": {"type": "region", "mask_ratio": 0.6}}) == 0.6
+    with pytest.raises(ValueError, match="disagree"):
+        region_mask_ratio({"a": {"type": "region", "mask_ratio": 0.6}, "b": {"type": "region"}})

@@ -96,13 +96,13 @@ def test_sample_extras_come_from_the_registry(manifest, monkeypatch):
 
     made = []
 
-    def teacher(params):
+    def teacher(params, recipe):
         made.append(params)
         return lambda sample, row, view, g: sample.__setitem__("teacher", torch.full((2,), params["dim"]))
 
     monkeypatch.setitem(data_mod.SAMPLE_EXTRAS, "teacher", teacher)
     recipe = tiny_recipe()
-    assert data_mod.recipe_extras(recipe["data"]) == []  # no key, no extra
+    assert data_mod.recipe_extras(recipe) == []  # no key, no extra
     recipe["data"]["teacher"] = {"dim": 7}
     ds = PretrainDataset(manifest, recipe, seed=0, masker=FakeMasker((4, 4)))
     assert made == [{"dim": 7}]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
@@ -65,7 +66,10 @@ def _check_ratio(name: str, ratio: float) -> float:
 
 class RandomMasker(Masker):
     """MAE's random masking (He et al. 2022, §3 "Masking"): per-sample uniform noise, argsort,
-    keep the ``int(L * (1 - ratio))`` lowest. Kept ids come in noise order, as in MAE."""
+    keep the ``int(L * (1 - ratio))`` lowest. Kept ids come in noise order, as in MAE, so any prefix of the
+    plan's shuffle order is itself a uniform random plan (``plan_traits``: ``random_order``)."""
+
+    plan_traits = frozenset({"full_grid", "random_order"})
 
     def __init__(self, grid: Grid, ratio: float = 0.75) -> None:
         super().__init__(grid)
@@ -80,30 +84,65 @@ class RandomMasker(Masker):
 
 class BlockMasker(Masker):
     """Long-sequence MAE's joint masking (Hu et al. 2022, §3.3 "Decoupled mask size"): the ``m x m``
-    neighbourhood of patches is the unit that is masked or kept, so the mask is a union of whole blocks.
+    neighbourhood of patches is the unit that is masked or kept, counted as the official loader counts.
 
-    ``int(n_blocks * (1 - ratio))`` blocks are kept (MAE's rule, on the block grid); the grid must be
-    divisible by the block. Kept ids come in raster order.
+    Exactly ``int(L * (1 - ratio))`` patches are kept (so ``L_e = L * (1 - gamma)``, §3.1 and Tab. 2e, e.g.
+    49 of 784 at gamma = 0.9375): blocks are shuffled, their patches listed block by block (block-major),
+    and the first ``int(L * (1 - ratio))`` of that list are kept, so the last block reached may be partly
+    visible. A grid that ``m`` does not divide (7 x 7 in Tab. 2a/2b) is covered by ``ceil(g / m)`` blocks
+    per side, clipped at the bottom and right edges. Kept ids come in raster order (App. A: the mask
+    indices are made in the data loader); the masked ones follow in block-major shuffle order.
+
+    The kept ids carry no random order, so a sub-plan cut from the plan's shuffle order (a region mask
+    ratio beta_R != beta_I, R-MAE Fig. 4a) would not be a random subset: ``plan_traits`` omits
+    ``random_order`` and a recipe asking for one fails at start (``maelab.models.compat``).
     """
+
+    plan_traits = frozenset({"full_grid"})
 
     def __init__(self, grid: Grid, ratio: float = 0.75, block: int | tuple[int, int] | list[int] = 2) -> None:
         super().__init__(grid)
         self.ratio = _check_ratio("BlockMasker", ratio)
         bh, bw = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
-        gh, gw = self.grid
-        if bh <= 0 or bw <= 0 or gh % bh or gw % bw:
-            raise ValueError(f"BlockMasker: masker.block {block!r} must divide the patch grid {self.grid}")
+        if bh <= 0 or bw <= 0:
+            raise ValueError(f"BlockMasker: masker.block must be positive, got {block!r}")
         self.block = (bh, bw)
+        # MAE's rule, on patches (as MaskPlan.from_noise), not on blocks
+        self.num_keep = int(self.num_patches * (1 - self.ratio))
+
+    def block_patches(self) -> Tensor:
+        """``[n_blocks, bh*bw]`` long: each block's patch ids in raster order, ``-1`` where clipped."""
+        (gh, gw), (bh, bw) = self.grid, self.block
+        nh, nw = -(-gh // bh), -(-gw // bw)  # ceil
+        ids = torch.full((nh * bh, nw * bw), -1, dtype=torch.long)
+        ids[:gh, :gw] = torch.arange(gh * gw).view(gh, gw)
+        # [nh*bh, nw*bw] -> [nh, bh, nw, bw] -> [nh, nw, bh, bw] -> [nh*nw, bh*bw]
+        return ids.view(nh, bh, nw, bw).permute(0, 2, 1, 3).reshape(nh * nw, bh * bw)
 
     def __call__(
         self, generator: torch.Generator | None = None, context: MaskContext | None = None
     ) -> MaskPlan:
-        (gh, gw), (bh, bw) = self.grid, self.block
-        nh, nw = gh // bh, gw // bw
-        block_plan = MaskPlan.from_noise(torch.rand(nh * nw, generator=generator), self.ratio)
-        # [nh*nw] -> [nh, 1, nw, 1] -> [nh, bh, nw, bw] -> [gh*gw]: each block's value on its m x m patches
-        mask = block_plan.mask.view(nh, 1, nw, 1).expand(nh, bh, nw, bw).reshape(gh * gw)
-        return MaskPlan.from_mask(mask)
+        blocks = self.block_patches()  # [n_blocks, bh*bw]
+        order = torch.argsort(torch.rand(blocks.shape[0], generator=generator))  # block shuffle
+        ids_shuffle = blocks[order].flatten()  # block-major patch order, [n_blocks*bh*bw]
+        ids_shuffle = ids_shuffle[ids_shuffle >= 0]  # drop the clipped slots: [L]
+        kept = torch.sort(ids_shuffle[: self.num_keep]).values  # raster order
+        return MaskPlan.from_shuffle(torch.cat([kept, ids_shuffle[self.num_keep :]]), self.num_keep)
+
+
+def nested_plan(plan: MaskPlan, ratio: float | None) -> MaskPlan:
+    """A second plan drawn from the SAME mask (R-MAE §4.2 "Mask ratios", Fig. 4a: share the random masks
+    whenever possible): ``plan`` itself when ``ratio`` is None or keeps as many patches, else the plan's
+    shuffle order ``argsort(ids_restore)`` cut after ``int(L * (1 - ratio))`` patches. The visible sets are
+    nested (a higher ratio sees a subset of ``plan``'s visible patches); a uniform random subset only when
+    the plan came from a masker with the ``random_order`` trait (``RandomMasker``). Works on ``[L]`` and
+    ``[B, L]`` plans."""
+    if ratio is None:
+        return plan
+    num_keep = int(plan.num_patches * (1 - float(ratio)))
+    if num_keep == plan.num_keep:
+        return plan
+    return plan.recut(num_keep)  # the plan's own type, extra fields kept
 
 
 MASKERS: dict[str, type[Masker]] = {"random": RandomMasker, "block": BlockMasker}

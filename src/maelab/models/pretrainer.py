@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from maelab.masking import MaskContext, Masker, build_masker
 from maelab.masking.plan import MaskPlan
+from maelab.models.compat import check_compatible
 from maelab.models.heads import HEADS, Head, PixelDecoderHead, build_head
 from maelab.models.vit import ViTEncoder, build_encoder
 
@@ -122,4 +123,5 @@ def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretra
         heads[hname] = build_head(hname, cfg, encoder.spec)
         weights[hname] = float(cfg.get("weight", 1.0))
     masker = build_masker(recipe["masker"], encoder.grid) if recipe.get("masker") else None
+    check_compatible(masker, heads, name)  # a bad combination fails at start, saying why
     return Pretrainer(encoder, heads, weights, masker)

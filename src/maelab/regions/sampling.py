@@ -8,8 +8,11 @@ So, for one sample:
 1. read the image's ``[S, H0, W0]`` maps from the store and apply the SAME :class:`~maelab.data.view.View`
    as the image (nearest: labels never mix);
 2. a segment (one label of one layer; label 0 = no region) is *eligible* when at least one of its pixels
-   falls in a visible (unmasked) patch of ``sample["plan"]`` — "any pixel", as in the official code, which
-   reduces each region map to patches with ``any`` and keeps regions with ``any`` visible patch;
+   falls in a patch the *region branch* sees: the region plan, i.e. ``sample["plan"]`` itself (beta_R =
+   beta_I, the default) or, with the region head's ``mask_ratio`` (beta_R != beta_I, Fig. 4a), the nested
+   plan cut from it (``maelab.masking.nested_plan``, the one the head uses) — "any pixel", as in the
+   official code, which reduces each region map to patches with ``any`` and keeps regions with ``any``
+   visible patch;
    ``min_patches`` (default 1 = off) additionally drops segments touching fewer patches (official
    ``filter_small_patches`` uses 2);
 3. draw ``k`` eligible segments uniformly over all layers together (the official code concatenates the
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from maelab.data.view import View
+from maelab.masking import nested_plan
 from maelab.regions.sources import manifest_hw
 from maelab.regions.store import SourceStore
 
@@ -84,11 +88,26 @@ def choose(n: int, k: int, replacement: bool, generator: torch.Generator | None)
     return tiled[torch.randperm(len(tiled), generator=generator)][:k]
 
 
+def region_mask_ratio(heads: Mapping[str, Any] | None) -> float | None:
+    """beta_R of the recipe's region head (``mask_ratio`` of its ``type: region`` head), or None."""
+    ratios = {
+        cfg.get("mask_ratio")
+        for cfg in (heads or {}).values()
+        if isinstance(cfg, Mapping) and cfg.get("type") == "region"
+    }
+    if len(ratios) > 1:
+        raise ValueError(
+            f"heads: region heads disagree on mask_ratio {sorted(ratios, key=str)}; the sampler needs one"
+        )
+    return next(iter(ratios), None)
+
+
 class RegionExtra:
     """Sample extra ``extra(sample, row, view, generator)``: ``sample["regions"]`` = ``[k, H, W]`` bool.
 
     store: a :class:`SourceStore` or its folder (e.g. ``data/04_feature/regions/fh``).
     Needs ``sample["plan"]`` (the image's MaskPlan, ``[L]``), so it must run after the masker.
+    mask_ratio: the region head's beta_R (None = the image plan's); eligibility uses the region plan.
     """
 
     def __init__(
@@ -100,6 +119,7 @@ class RegionExtra:
         replacement: bool = True,
         fallback: str = "full",
         key: str = "regions",
+        mask_ratio: float | None = None,
     ) -> None:
         if fallback not in ("full", "empty"):
             raise ValueError(f"RegionExtra.fallback: expected 'full' or 'empty', got {fallback!r}")
@@ -108,17 +128,23 @@ class RegionExtra:
         self.store = store if isinstance(store, SourceStore) else SourceStore(store)
         self.k, self.min_patches, self.replacement = k, min_patches, replacement
         self.fallback, self.key = fallback, key
+        self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
 
     @classmethod
     def from_params(
-        cls, params: Mapping[str, Any], root: str | Path = "data/04_feature/regions"
+        cls,
+        params: Mapping[str, Any],
+        root: str | Path = "data/04_feature/regions",
+        heads: Mapping[str, Any] | None = None,
     ) -> RegionExtra:
-        """From a recipe block, e.g. ``{source: fh, k: 8, replacement: true, fallback: full}``."""
+        """From a recipe block, e.g. ``{source: fh, k: 8, replacement: true, fallback: full}``; ``heads``
+        (the recipe's heads block) gives the region head's beta_R for eligibility."""
         p = dict(params)
         source = p.pop("source", "fh")
         store = p.pop("store", None) or Path(root) / source
         allowed = {"k", "min_patches", "replacement", "fallback", "key"}
-        return cls(store, **{key: v for key, v in p.items() if key in allowed})
+        kwargs = {key: v for key, v in p.items() if key in allowed}
+        return cls(store, **kwargs, mask_ratio=region_mask_ratio(heads))
 
     def load(self, row: Mapping[str, Any], view: View) -> Tensor:
         """The row's maps after ``view``: ``[S, H, W]`` int32."""
@@ -135,9 +161,11 @@ class RegionExtra:
         self, sample: dict[str, Any], row: Mapping[str, Any], view: View, generator: torch.Generator
     ) -> None:
         labels = self.load(row, view)  # [S, H, W]
-        mask = sample["plan"].mask  # [L] True = masked
-        if mask.dim() != 1:
-            raise ValueError(f"RegionExtra: expected a per-sample plan [L], got mask {tuple(mask.shape)}")
+        if sample["plan"].mask.dim() != 1:
+            raise ValueError(
+                f"RegionExtra: expected a per-sample plan [L], got mask {tuple(sample['plan'].mask.shape)}"
+            )
+        mask = nested_plan(sample["plan"], self.mask_ratio).mask  # [L] True = masked for the region branch
         layer, lab = eligible_segments(labels, mask.cpu(), self.min_patches)
         _, h, w = labels.shape
         if len(lab) == 0:

@@ -56,15 +56,16 @@ def manifest_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str =
     return select_rows(manifest, sources, splits, where=where, fields=("data.sources", "data.splits"))
 
 
-ExtraFactory = Callable[[dict[str, Any]], SampleExtra]
+ExtraFactory = Callable[[dict[str, Any], dict[str, Any]], SampleExtra]
 
-# The recipe's ``data`` block picks sample extras by key: ``data.<key>: {params}`` -> ``factory(params)``.
+# The recipe's ``data`` block picks sample extras by key: ``data.<key>: {params}`` ->
+# ``factory(params, recipe)`` (the whole recipe, for what the extra must agree with: a head's mask ratio).
 # Extras run in this order (after the image and the plan). MR-MAE's teacher features register "teacher".
 SAMPLE_EXTRAS: dict[str, ExtraFactory] = {}
 
 
 def register_extra(key: str) -> Callable[[ExtraFactory], ExtraFactory]:
-    """Decorator: ``@register_extra("teacher")`` on ``factory(params) -> SampleExtra``."""
+    """Decorator: ``@register_extra("teacher")`` on ``factory(params, recipe) -> SampleExtra``."""
 
     def add(factory: ExtraFactory) -> ExtraFactory:
         if key in SAMPLE_EXTRAS:
@@ -76,10 +77,11 @@ def register_extra(key: str) -> Callable[[ExtraFactory], ExtraFactory]:
 
 
 @register_extra("regions")
-def region_extra(params: dict[str, Any]) -> SampleExtra:
+def region_extra(params: dict[str, Any], recipe: dict[str, Any]) -> SampleExtra:
     """R-MAE's region maps: ``data.regions: {source, k, store, ...}`` ->
     :class:`~maelab.regions.sampling.RegionExtra` reading the region store folder ``store`` (the Kedro
-    pretrain node sets it from the ``region_store`` dataset; ``python -m maelab.train`` from the catalog)."""
+    pretrain node sets it from the ``region_store`` dataset; ``python -m maelab.train`` from the catalog).
+    The recipe's heads give it the region head's mask ratio, so eligibility uses the region plan."""
     from maelab.regions.sampling import RegionExtra
 
     if not params.get("store"):
@@ -87,12 +89,13 @@ def region_extra(params: dict[str, Any]) -> SampleExtra:
             "recipe data.regions: field 'store' (the region store folder) is not set; run through the "
             "Kedro pretrain pipeline, which reads it from the region_store dataset"
         )
-    return RegionExtra.from_params(params)
+    return RegionExtra.from_params(params, heads=recipe.get("heads"))
 
 
-def recipe_extras(data_cfg: dict[str, Any]) -> list[SampleExtra]:
+def recipe_extras(recipe: dict[str, Any]) -> list[SampleExtra]:
     """The sample extras the recipe's ``data`` block asks for, one per registered key that is set."""
-    return [factory(data_cfg[key]) for key, factory in SAMPLE_EXTRAS.items() if data_cfg.get(key)]
+    data_cfg = recipe.get("data", {})
+    return [factory(data_cfg[key], recipe) for key, factory in SAMPLE_EXTRAS.items() if data_cfg.get(key)]
 
 
 class PretrainDataset(Dataset):
@@ -119,7 +122,7 @@ class PretrainDataset(Dataset):
         self.crop_scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
         self.seed = int(seed)
         self.masker = masker
-        self.extras = list(extras) + recipe_extras(data_cfg)
+        self.extras = list(extras) + recipe_extras(recipe)
         self.accum_steps, self.total_steps = 1, 0  # the engine sets them once the run's length is known
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -4,6 +4,18 @@ Kept tokens are projected to the decoder width, mask tokens fill the removed slo
 puts the sequence back in raster order, fixed sin-cos positions are added, a few ViT blocks run, and
 a Linear predicts the ``p*p*C`` pixels of every patch. The loss is the MSE on masked patches only,
 against per-patch normalised pixels when ``norm_pix_loss`` (§3, "normalized pixels" variant).
+
+Width and heads. MAE's decoder is 8 blocks x 512-d x 16 heads. Long-sequence MAE (Hu et al. 2022, App. A)
+keeps the decoder at half the encoder width with the encoder's heads, for its long-sequence recipe and its
+MAE baseline alike: 384-d x 12 heads for ViT-B, 512-d x 16 heads for ViT-L; recipes set them (conf/coco).
+
+Shorter decoder (long-seq MAE Tab. 2e row 3, App. A), ``downsample: 2``: after mask filling and positions,
+a learned 2x2 convolution with stride 2 merges each 2x2 group of tokens, so the decoder runs on
+``L / 4`` tokens (28x28 -> 14x14) and predicts ``2p x 2p x C`` pixels per token, regressed against the
+image cut into ``2p`` patches (normalised per ``2p`` patch with ``norm_pix_loss``). The positions are
+added before the convolution (our choice: the paper does not say; every mask token then carries its
+place into the merge). The loss is still taken on the masked ``p`` patches only: the ``2p`` prediction is
+cut back into its four ``p`` patches, so a 2x2 group that is partly visible is scored on its masked part.
 """
 
 from __future__ import annotations
@@ -73,9 +85,21 @@ class PixelDecoderHead(Head):
         qkv_bias: bool = True,
         norm_layer: type[nn.Module] | partial = partial(nn.LayerNorm, eps=1e-6),
         fused_attn: bool = True,
+        downsample: int = 1,
     ) -> None:
         super().__init__(spec)
-        self.norm_pix_loss = norm_pix_loss
+        if downsample not in (1, 2):
+            raise ValueError(
+                f"pixel decoder: downsample must be 1 (MAE) or 2 (long-seq Tab. 2e), got {downsample!r}"
+            )
+        gh, gw = spec.grid
+        if gh % downsample or gw % downsample:
+            raise ValueError(
+                f"pixel decoder: downsample {downsample} needs a patch grid divisible by it, got {spec.grid}"
+            )
+        self.norm_pix_loss, self.downsample = norm_pix_loss, int(downsample)
+        self.out_patch = spec.patch_size * self.downsample  # p, or 2p after the 2x2 convolution
+        self.out_grid = (gh // self.downsample, gw // self.downsample)
         self.decoder_embed = nn.Linear(spec.embed_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("decoder_pos_embed", sincos_2d(embed_dim, spec.grid)[None])  # [1, 1+L, Dd]
@@ -91,18 +115,33 @@ class PixelDecoderHead(Head):
             for _ in range(depth)
         )
         self.decoder_norm = norm_layer(embed_dim)
-        self.decoder_pred = nn.Linear(embed_dim, spec.patch_size**2 * spec.in_chans)
+        self.decoder_pred = nn.Linear(embed_dim, self.out_patch**2 * spec.in_chans)
+        # Tab. 2e row 3: learned 2x2 stride-2 convolution before the first decoder block (App. A)
+        self.decoder_shorten = nn.Conv2d(embed_dim, embed_dim, 2, stride=2) if self.downsample == 2 else None
         for blk in self.decoder_blocks:
             blk.attn.fused_attn = fused_attn
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_linear_norm)
+        if self.decoder_shorten is not None:  # as MAE's patch projection: xavier on the weight viewed 2-D
+            w = self.decoder_shorten.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.decoder_shorten.bias)
+
+    def plan_needs(self) -> dict[str, str]:
+        """Traits the masker's plan must have, each with the reason (checked by ``maelab.models.compat``)."""
+        if self.downsample > 1:
+            return {
+                "full_grid": "the 2x2 convolution (downsample: 2) merges neighbours on the whole patch grid"
+            }
+        return {"full_grid": "the decoder puts the kept tokens back on the whole patch grid (MAE §3)"}
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
     def decode(self, latent: Tensor, plan: MaskPlan, extra: Tensor | None = None) -> Tensor:
-        """[B, 1+L_keep, D_enc] -> [B, L, p*p*C] predictions for every patch (raster order);
-        ``extra`` [B, L, Dd], if given, is added to the patch tokens after mask filling."""
+        """[B, 1+L_keep, D_enc] -> [B, L, p*p*C] predictions for every patch (raster order), or with
+        ``downsample: 2`` [B, L/4, 2p*2p*C] for every 2x2 group; ``extra`` [B, L, Dd], if given, is added to
+        the patch tokens after mask filling."""
         x = self.decoder_embed(latent)  # [B, 1+L_keep, Dd]
         b, n_keep = x.shape[0], x.shape[1] - 1
         n = plan.ids_restore.shape[-1]
@@ -112,9 +151,25 @@ class PixelDecoderHead(Head):
         if extra is not None:
             x_ = x_ + extra.to(x_.dtype)
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # [B, 1+L, Dd]
+        if self.decoder_shorten is not None:
+            x = torch.cat([x[:, :1], self.shorten(x[:, 1:])], dim=1)  # [B, 1+L/4, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS -> [B, L, p*p*C]
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS -> [B, L(/4), p'*p'*C]
+
+    def shorten(self, x: Tensor) -> Tensor:
+        """[B, L, Dd] -> [B, L/4, Dd]: the learned 2x2 stride-2 convolution over the patch grid."""
+        (gh, gw), b, d = self.spec.grid, x.shape[0], x.shape[-1]
+        x = x.transpose(1, 2).reshape(b, d, gh, gw)  # [B, Dd, gh, gw]
+        return self.decoder_shorten(x).flatten(2).transpose(1, 2)  # [B, gh/2 * gw/2, Dd]
+
+    def to_patches(self, x: Tensor) -> Tensor:
+        """Predictions or targets ``[B, L', p'*p'*C]`` on the output grid -> ``[B, L, p*p*C]`` on the patch
+        grid (the identity without ``downsample``)."""
+        if self.downsample == 1:
+            return x
+        img = unpatchify(x, self.out_patch, self.out_grid, self.spec.in_chans)  # [B, C, H, W]
+        return patchify(img, self.spec.patch_size)
 
     def decode_attention(
         self, latent: Tensor, plan: MaskPlan, indices: Sequence[int] = (-1,)
@@ -127,8 +182,9 @@ class PixelDecoderHead(Head):
         return pred, dict(sorted(maps.items()))
 
     def target(self, image: Tensor) -> Tensor:
-        """[B, C, H, W] -> [B, L, p*p*C] regression target (per-patch normalised if norm_pix_loss)."""
-        target = patchify(image.float(), self.spec.patch_size)
+        """[B, C, H, W] -> [B, L, p*p*C] regression target (per-patch normalised if norm_pix_loss); with
+        ``downsample: 2`` [B, L/4, 2p*2p*C], cut into 2p patches (App. A)."""
+        target = patchify(image.float(), self.out_patch)
         return normalize_patches(target)[0] if self.norm_pix_loss else target
 
     def forward(
@@ -136,7 +192,8 @@ class PixelDecoderHead(Head):
     ) -> tuple[Tensor, Tensor]:
         pred = self.decode(latent, plan, batch.get("shared", {}).get(PIXEL_DECODER_INPUT))
         with torch.autocast(pred.device.type, enabled=False):  # target and loss in fp32
-            loss = masked_mse(pred, self.target(batch["image"]), plan.mask)
+            target = self.target(batch["image"])
+            loss = masked_mse(self.to_patches(pred.float()), self.to_patches(target), plan.mask)
         return loss, pred
 
     @torch.no_grad()
@@ -146,7 +203,7 @@ class PixelDecoderHead(Head):
         patches = patchify(image.float(), self.spec.patch_size)  # [B, L, p*p*C]
         pred = pred.float()
         if self.norm_pix_loss:
-            _, mean, var = normalize_patches(patches)
+            _, mean, var = normalize_patches(patchify(image.float(), self.out_patch))  # stats of p' patches
             pred = pred * (var + NORM_PIX_EPS) ** 0.5 + mean
-        out = torch.where(mask.unsqueeze(-1), pred, patches)
+        out = torch.where(mask.unsqueeze(-1), self.to_patches(pred), patches)
         return unpatchify(out, self.spec.patch_size, self.spec.grid, self.spec.in_chans)

@@ -27,7 +27,10 @@ Cross-feeding (App. A "Cross-feeding", Table 1e), ``feed``:
 Mask ratios. With ``mask_ratio: null`` the region branch uses the image plan as is (beta_R = beta_I, the
 paper's default). A different beta_R is derived from the SAME plan: the plan's shuffle order
 ``argsort(ids_restore)`` is cut after ``int(L * (1 - beta_R))`` patches, so the region and image visible
-sets are nested (beta_R > beta_I: region-visible is a subset of image-visible), never independent.
+sets are nested (beta_R > beta_I: region-visible is a subset of image-visible), never independent
+(``maelab.masking.nested_plan``; the region sampler checks eligibility against this same region plan).
+That cut is a random subset only if the plan's order is random, so a beta_R needs a masker with the
+``random_order`` trait (``plan_needs``; the block masker keeps raster order and fails at start).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from maelab.masking import nested_plan
 from maelab.masking.plan import MaskPlan
 from maelab.models.heads.base import Head
 from maelab.models.heads.pixel import PIXEL_DECODER_INPUT, patchify
@@ -52,15 +56,8 @@ Norm = partial(nn.LayerNorm, eps=1e-6)
 
 
 # -- small pieces ----------------------------------------------------------------------------------
-def region_plan(plan: MaskPlan, ratio: float | None) -> MaskPlan:
-    """The region branch's plan: ``plan`` itself, or its shuffle order cut at ``int(L * (1 - ratio))``."""
-    if ratio is None:
-        return plan
-    n = plan.num_patches
-    num_keep = int(n * (1 - float(ratio)))
-    if num_keep == plan.num_keep:
-        return plan
-    return plan.recut(num_keep)
+# the region branch's plan (beta_R) from the image plan (beta_I): one helper, shared with the region sampler
+region_plan = nested_plan
 
 
 def mask_fill(x: Tensor, ids_restore: Tensor, mask_token: Tensor) -> Tensor:
@@ -236,6 +233,20 @@ class RegionHead(Head):
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith("mask_token")}
+
+    def plan_needs(self) -> dict[str, str]:
+        """Traits the masker's plan must have, each with the reason (checked by ``maelab.models.compat``)."""
+        needs = {
+            "full_grid": "region maps are masked with the image's one plan over the whole patch grid "
+            "(R-MAE §3.2 (ii)); the region encoder, neck and sampler index [L] plans"
+        }
+        if self.mask_ratio is not None:
+            needs["random_order"] = (
+                f"mask_ratio (beta_R = {self.mask_ratio}) cuts the region plan from the image plan's shuffle "
+                "order (R-MAE Fig. 4a, nested masks), which is a random subset only for a random order; "
+                "set heads.<region>.mask_ratio: null to share the image plan"
+            )
+        return needs
 
     def example_batch(self, batch_size: int) -> dict[str, Tensor]:
         h, w = (g * self.spec.patch_size for g in self.spec.grid)
