@@ -29,11 +29,13 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check src tests pipelines
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests pipelines
 	$(BIN)/ruff format --check src tests pipelines
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format src tests pipelines

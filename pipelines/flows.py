@@ -125,7 +125,7 @@ def rmae_retrain(
     project: str | None = None,
 ) -> dict[str, Any]:
     """Pre-train ``recipe``, evaluate, register (candidate); champion only only if better on ``metric``."""
-    from maelab import registry
+    from maelab.orchestration import registry
 
     logger = get_run_logger()
     root = _project(project)

@@ -12,7 +12,7 @@ HANDLERS = {
     "flops": "maelab.analysis.flops:cli",
     "bench train": "maelab.analysis.bench:train_cli",
     "bench regions": "maelab.regions.bench:cli",
-    "registry": "maelab.registry:cli",
+    "registry": "maelab.orchestration.registry:cli",
     "export": "maelab.transfer.export:cli",
     "segment": "maelab.analysis.interactive:cli",
     "segment-eval": "maelab.analysis.interactive:eval_cli",

@@ -2,35 +2,48 @@
 
 A *recipe* is ``parameters["recipe_defaults"]`` deep-merged with ``parameters["recipes"][NAME]``;
 Kedro environments (``conf/imagenet``, ``conf/coco``, ``conf/local``) override ``conf/base`` key by key.
+The config loader's arguments live here (``settings.py`` reads them), so reading config needs no Kedro
+project settings; the training engine itself never reads config: its callers pass recipe and settings.
+
+MLflow settings: ``conf/<env>/mlflow.yml`` (``tracking_uri``; ``conf/local`` overrides ``conf/base``),
+overridden by ``$MLFLOW_TRACKING_URI``; relative paths (``sqlite:///mlruns/mlflow.db``) are taken
+from the project root.
 """
 
 from __future__ import annotations
 
-import copy
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from maelab.paths import PROJECT_ROOT, project_root
+from maelab.recipes import deep_merge, resolve_recipe
 
+__all__ = [
+    "CONFIG_LOADER_ARGS",
+    "PROJECT_ROOT",
+    "deep_merge",
+    "load_config",
+    "load_recipe",
+    "mlflow_settings",
+    "project_root",
+    "resolve_recipe",
+]
 
-def project_root() -> Path:
-    """The Kedro project root: ``$MAELAB_PROJECT_ROOT``, the cwd if it holds ``conf/``, else the checkout."""
-    env = os.environ.get("MAELAB_PROJECT_ROOT")
-    if env:
-        return Path(env)
-    cwd = Path.cwd()
-    return cwd if (cwd / "conf" / "base").is_dir() else PROJECT_ROOT
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+CONFIG_LOADER_ARGS: dict[str, Any] = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # one file per stage: catalog_ingest.yml, parameters_pretrain.yml, ...
+    "config_patterns": {
+        "catalog": ["catalog*", "catalog*/**"],
+        "parameters": ["parameters*", "parameters*/**"],
+        "mlflow": ["mlflow*", "mlflow*/**"],
+    },
+    # conf/imagenet may override one leaf of a recipe without restating the rest
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
+}
 
 
 def load_config(
@@ -38,8 +51,6 @@ def load_config(
 ) -> dict:
     """Load one kind of config (``parameters``, ``catalog``, ``mlflow``) the way ``kedro run --env`` does."""
     from kedro.config import OmegaConfigLoader
-
-    from maelab.settings import CONFIG_LOADER_ARGS
 
     conf_source = Path(conf_source) if conf_source else project_root() / "conf"
     loader = OmegaConfigLoader(conf_source=str(conf_source), env=env, **CONFIG_LOADER_ARGS)
@@ -49,15 +60,38 @@ def load_config(
         return {}
 
 
-def resolve_recipe(params: dict, name: str) -> dict[str, Any]:
-    """The full recipe ``name`` from a parameters dict; ``recipe["name"]`` is set to ``name``."""
-    recipes = params.get("recipes", {})
-    if name not in recipes:
-        raise KeyError(f"unknown recipe {name!r}: parameters define {sorted(recipes)}")
-    recipe = deep_merge(params.get("recipe_defaults", {}), recipes[name] or {})
-    recipe["name"] = name
-    return recipe
-
-
 def load_recipe(name: str, env: str | None = None, conf_source: str | Path | None = None) -> dict[str, Any]:
     return resolve_recipe(load_config("parameters", env, conf_source), name)
+
+
+def resolve_uri(uri: str, root: Path) -> str:
+    """Make relative sqlite/file locations absolute against ``root``."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        return uri if path.startswith("/") else f"sqlite:///{(root / path).resolve()}"
+    if "://" not in uri:
+        return str((root / uri).resolve())
+    return uri
+
+
+def mlflow_settings(env: str | None = None, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Tracking settings: ``cfg`` (or ``conf/<env>/mlflow.yml``), then ``$MLFLOW_TRACKING_URI``."""
+    root = project_root()
+    if cfg is None:
+        try:
+            cfg = load_config("mlflow", env)
+        except Exception as exc:  # a missing conf folder must not stop training
+            warnings.warn(f"MLflow config for env {env!r} unreadable ({exc}); using defaults", stacklevel=2)
+            cfg = {}
+    cfg = dict(cfg)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.get("tracking_uri") or "sqlite:///mlruns/mlflow.db"
+    artifacts = cfg.get("artifact_location") or "mlruns/artifacts"
+    art_path = Path(artifacts) if "://" not in artifacts else None
+    if art_path is not None and not art_path.is_absolute():
+        art_path = root / art_path
+    return {
+        "tracking_uri": resolve_uri(uri, root),
+        "artifact_location": art_path.resolve().as_uri() if art_path is not None else artifacts,
+        "experiment": cfg.get("experiment", "maelab"),
+        "enabled": bool(cfg.get("enabled", True)),
+    }

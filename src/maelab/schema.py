@@ -273,7 +273,7 @@ def check_ingest(ingest: Any, where: str = "parameters_ingest.yml") -> None:
 
 def check_parameters(params: Mapping[str, Any]) -> None:
     """The whole parameter tree (what ``kedro run`` sees, ``--params`` included)."""
-    from maelab.config import resolve_recipe
+    from maelab.recipes import resolve_recipe
 
     for key in params:
         if key not in TOP_LEVEL:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maelab.masking import Masker, MaskPlan, build_masker
+from maelab.masking import MaskContext, Masker, MaskPlan, build_masker
 from maelab.models import HEADS, Head, PixelDecoderHead, Pretrainer, build_pretrainer, patchify, unpatchify
 from maelab.models.heads.pixel import masked_mse, normalize_patches
 
@@ -166,7 +166,8 @@ class _LayerHead(Head):
 class _InStepMasker(Masker):
     in_step = True
 
-    def plan_batch(self, model, batch):
+    def plan_batch(self, batch, context):
+        assert isinstance(context.model, torch.nn.Module) and context.step == 5
         b = batch["image"].shape[0]
         return MaskPlan.from_noise(torch.arange(self.num_patches).float().repeat(b, 1), 0.5)
 
@@ -189,7 +190,7 @@ def test_heads_get_intermediates_and_extras(monkeypatch):
 def test_in_step_masker_makes_the_plan():
     model = build_pretrainer(RECIPE)
     model.masker = _InStepMasker(model.encoder.grid)
-    out = model({"image": torch.randn(2, 3, 32, 32)})
+    out = model({"image": torch.randn(2, 3, 32, 32), "context": MaskContext(step=5, total_steps=10)})
     assert out.plan.ids_keep.shape == (2, 8)
     assert torch.equal(out.plan.ids_keep[0], torch.arange(8))
     assert model.reconstruct({"image": torch.randn(2, 3, 32, 32)}, out).shape == (2, 3, 32, 32)

@@ -29,7 +29,7 @@ def fake_kedro(metrics: list[float]):
         import torch
         from safetensors.torch import save_file
 
-        from maelab import registry
+        from maelab.orchestration import registry
 
         root = Path(project_path)
         rep = root / "data" / "08_reporting"

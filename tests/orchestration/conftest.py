@@ -44,7 +44,7 @@ def fake_run(mlflow_home: Path):
     """``fake_run(seed, log=True) -> (run_id, encoder_path)``: a run that logged ``encoder/<file>``."""
     import mlflow
 
-    from maelab import registry
+    from maelab.orchestration import registry
 
     registry.client()
     exp = mlflow.set_experiment("maelab-test")

@@ -77,7 +77,7 @@ def test_retrain_flow_promotes_only_better(kedro_project, prefect_env):
     assert any("**promote**" in a["data"] and "| 0.35 |" in a["data"] for a in out["artifacts"])
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{kedro_project}/mlruns/mlflow.db"  # fixture-set
-    from maelab import registry
+    from maelab.orchestration import registry
 
     assert int(registry.get_version("maelab-rmae-vit-t8-64@champion").version) == 2
     assert int(registry.get_version("maelab-rmae-vit-t8-64@candidate").version) == 3

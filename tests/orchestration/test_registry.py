@@ -7,8 +7,8 @@ import argparse
 import pytest
 from safetensors.torch import load_file
 
-from maelab import registry
 from maelab.command import build_parser
+from maelab.orchestration import registry
 from maelab.orchestration.decision import read_decisions
 from maelab.orchestration.retrain import compare_and_promote
 

@@ -14,10 +14,11 @@ from PIL import Image
 
 from maelab.config import deep_merge, load_config
 from maelab.data.manifest import conform
+from maelab.datasets import RegionStoreDataset
 from maelab.pipelines import regions
 from maelab.pipelines.pretrain import create_pipeline
 from maelab.pipelines.pretrain.nodes import resolve, with_region_store
-from maelab.regions.store import RegionStore, RegionStoreDataset
+from maelab.regions.store import RegionStore
 
 MICRO = {
     "encoder": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
@@ -63,7 +64,7 @@ def micro_manifest(root: Path, n: int = 8) -> pd.DataFrame:
 @pytest.fixture
 def micro_params(tmp_path, monkeypatch):
     # MLflow off here (the rmae_full end-to-end test tracks and registers): no tracking store to start
-    monkeypatch.setattr("maelab.train.engine.mlflow_settings", lambda env=None: {"enabled": False})
+    monkeypatch.setattr("maelab.config.mlflow_settings", lambda env=None: {"enabled": False})
     base = load_config("parameters")
     defaults = deep_merge(base["recipe_defaults"], MICRO)
     defaults["train"]["out_dir"] = str(tmp_path / "models")

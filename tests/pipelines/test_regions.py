@@ -10,10 +10,11 @@ from PIL import Image
 from skimage.segmentation import felzenszwalb
 
 from maelab.data.manifest import conform
+from maelab.datasets import RegionStoreDataset
 from maelab.pipelines.regions import create_pipeline
 from maelab.pipelines.regions.nodes import check_manifest, select_rows
 from maelab.regions.build import shard_rows
-from maelab.regions.store import RegionStore, RegionStoreDataset
+from maelab.regions.store import RegionStore
 
 PARAMS = {
     "compute": ["fh"],

@@ -88,7 +88,7 @@ def test_rmae_full_goes_from_raw_images_to_the_report(kedro_project: Path, kedro
     with Image.open(data / "08_reporting/interactive_rmae.png") as picture:
         assert picture.width == 4 * picture.height / min(6, interactive["images"])  # 4 panels per example
 
-    from maelab.registry import list_models
+    from maelab.orchestration.registry import list_models
 
     rmae_models = [m for m in list_models() if m["name"].startswith("maelab-rmae-")]
     assert len(rmae_models) == 1 and "champion" in rmae_models[0]["aliases"], rmae_models

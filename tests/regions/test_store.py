@@ -6,7 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from maelab.regions.store import RegionStore, RegionStoreDataset, SourceStore
+from maelab.datasets import RegionStoreDataset
+from maelab.regions.store import RegionStore, SourceStore
 
 
 def _maps(rng: np.random.Generator, n_labels: int, shape=(2, 30, 40)) -> np.ndarray:

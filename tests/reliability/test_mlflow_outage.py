@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from fake_parts import build_masker, build_pretrainer, tiny_recipe, write_images  # noqa: E402
+from fake_parts import build_pretrainer, tiny_recipe, write_images  # noqa: E402
 
+from maelab.mlflow_http import HTTP_LIMITS  # noqa: E402
 from maelab.train.engine import train  # noqa: E402
-from maelab.train.tracking import HTTP_LIMITS, Tracker  # noqa: E402
+from maelab.train.tracking import Tracker  # noqa: E402
 
 
 @pytest.fixture
@@ -64,7 +65,6 @@ def test_training_reaches_step_one_against_a_silent_server(tmp_path, silent_serv
             out_dir=tmp_path / "out",
             mlflow={"tracking_uri": silent_server, "experiment": "x", "enabled": True},
             build_model=build_pretrainer,
-            build_masker=build_masker,
             progress=False,
         )
     seconds = time.monotonic() - t0

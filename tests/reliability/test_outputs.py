@@ -17,11 +17,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from fake_parts import build_masker, build_pretrainer, tiny_recipe, write_images  # noqa: E402
+from fake_parts import build_pretrainer, tiny_recipe, write_images  # noqa: E402
 
+from maelab.files import save_safetensors  # noqa: E402
 from maelab.orchestration.decision import DecisionRecord, append_decision, decide, read_decisions  # noqa: E402
 from maelab.pools import held_lock  # noqa: E402
-from maelab.train.checkpoint import load_checkpoint, save_safetensors  # noqa: E402
+from maelab.train.checkpoint import load_checkpoint  # noqa: E402
 from maelab.train.engine import CHECKPOINT, ENCODER, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,6 @@ def _train(recipe, manifest, out, **kw):
         out_dir=out,
         mlflow={"enabled": False},
         build_model=build_pretrainer,
-        build_masker=build_masker,
         progress=False,
         **kw,
     )
@@ -63,7 +63,7 @@ def test_safetensors_header_is_sorted(tmp_path) -> None:
 def test_stale_temp_files_removed_at_start_and_ignored_by_dvc(manifest, tmp_path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    stale = out / f".{CHECKPOINT}.tmp99999"
+    stale = out / f".tmp-99999-1-{CHECKPOINT}"  # what the atomic writer leaves when killed
     stale.write_bytes(b"x" * 1000)
     _train(tiny_recipe(steps=1), manifest, out)
     assert not stale.exists()
@@ -94,7 +94,7 @@ def test_two_trainings_on_one_output_directory(manifest, tmp_path) -> None:
 def test_resume_with_a_new_schedule_warns(manifest, tmp_path, caplog) -> None:
     out = tmp_path / "out"
     _train(tiny_recipe(steps=4), manifest, out, stop_after=2)
-    with caplog.at_level(logging.WARNING, logger="maelab.train.engine"):
+    with caplog.at_level(logging.WARNING, logger="maelab.train.checkpoint"):
         _train(tiny_recipe(steps=6), manifest, out, resume=True, stop_after=3)
     assert any(
         "different schedule" in r.getMessage() and "total 4 -> 6" in r.getMessage() for r in caplog.records

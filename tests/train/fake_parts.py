@@ -1,4 +1,4 @@
-"""A tiny stand-in for ``maelab.models.build_pretrainer`` / ``maelab.masking.build_masker`` with the
+"""A tiny stand-in for ``maelab.models.build_pretrainer`` (a model with its own ``masker``) with the
 same interface, so the engine can be tested on its own. Importable by spawned processes: tests put
 this folder on ``sys.path`` (child processes inherit it)."""
 
@@ -23,12 +23,8 @@ class FakeMasker:
     def __init__(self, grid: tuple[int, int], ratio: float = 0.75) -> None:
         self.grid, self.ratio = grid, ratio
 
-    def __call__(self, generator: torch.Generator | None = None) -> MaskPlan:
+    def __call__(self, generator: torch.Generator | None = None, context: Any = None) -> MaskPlan:
         return MaskPlan.from_noise(torch.rand(self.grid[0] * self.grid[1], generator=generator), self.ratio)
-
-
-def build_masker(cfg: dict[str, Any], grid: tuple[int, int]) -> FakeMasker:
-    return FakeMasker(grid, cfg.get("ratio", 0.75))
 
 
 @dataclass
@@ -56,6 +52,7 @@ class FakePretrainer(nn.Module):
         enc = recipe["encoder"]
         self.p = enc["patch_size"]
         num = (enc["img_size"] // self.p) ** 2
+        self.masker = FakeMasker((enc["img_size"] // self.p,) * 2, recipe["masker"].get("ratio", 0.75))
         dim = enc["embed_dim"]
         self.encoder = FakeEncoder(self.p, dim, num)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -96,12 +93,6 @@ class FakePretrainer(nn.Module):
         g = int(num**0.5)
         x = pred.reshape(b, g, g, self.p, self.p, 3).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, 3, g * self.p, g * self.p)
-
-    def pictures(self, batch: dict[str, Any], out: Out) -> dict[str, Any]:
-        from maelab.analysis.viz import reconstruction_grid
-
-        recon = self.reconstruct(batch, out)
-        return {"reconstruction": reconstruction_grid(batch["image"], recon.float(), batch["plan"].mask)}
 
 
 def build_pretrainer(recipe: dict[str, Any]) -> FakePretrainer:
@@ -196,7 +187,6 @@ def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe:
             out_dir=out,
             mlflow={"enabled": False},
             build_model=build_pretrainer,
-            build_masker=build_masker,
             progress=False,
         )
     finally:

@@ -88,3 +88,24 @@ def test_images_are_decoded_upright_as_ingest_saw_them(tmp_path):
     }
     ds = PretrainDataset(conform(pd.DataFrame([row])), tiny_recipe(), seed=0)
     assert tuple(ds.load_image(ds.rows.iloc[0]).shape) == (3, 40, 20)
+
+
+def test_sample_extras_come_from_the_registry(manifest, monkeypatch):
+    """A new extra (MR-MAE's teacher features, say) is one registered factory picked by its data key."""
+    from maelab.train import data as data_mod
+
+    made = []
+
+    def teacher(params, recipe):
+        made.append(params)
+        return lambda sample, row, view, g: sample.__setitem__("teacher", torch.full((2,), params["dim"]))
+
+    monkeypatch.setitem(data_mod.SAMPLE_EXTRAS, "teacher", teacher)
+    recipe = tiny_recipe()
+    assert data_mod.recipe_extras(recipe) == []  # no key, no extra
+    recipe["data"]["teacher"] = {"dim": 7}
+    ds = PretrainDataset(manifest, recipe, seed=0, masker=FakeMasker((4, 4)))
+    assert made == [{"dim": 7}]
+    assert torch.equal(ds[(0, 0)]["teacher"], torch.full((2,), 7))
+    with pytest.raises(ValueError, match="registered twice"):
+        data_mod.register_extra("teacher")(teacher)

@@ -3,7 +3,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fake_parts import build_masker, build_pretrainer, ddp_worker, tiny_recipe
+from fake_parts import build_pretrainer, ddp_worker, tiny_recipe
 
 from maelab.train.checkpoint import load_checkpoint
 from maelab.train.engine import CHECKPOINT, train
@@ -26,7 +26,6 @@ def test_gloo_ddp_matches_one_process_on_the_same_global_batch(manifest, tmp_pat
         out_dir=tmp_path / "one",
         mlflow={"enabled": False},
         build_model=build_pretrainer,
-        build_masker=build_masker,
         progress=False,
     )
     two = tiny_recipe(steps=steps, batch_size=2, accum_steps=1, lr=None, blr=0.064)  # same lr: 0.064*4/256

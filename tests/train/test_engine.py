@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 import torch
-from fake_parts import build_masker, build_pretrainer, tiny_recipe
+from fake_parts import build_pretrainer, tiny_recipe
 from safetensors.torch import load_file
 
 from maelab.train.checkpoint import load_checkpoint
@@ -12,16 +12,8 @@ OFF = {"enabled": False}
 
 
 def run(recipe, manifest, out, **kw):
-    return train(
-        recipe,
-        manifest,
-        out_dir=out,
-        mlflow=OFF,
-        build_model=build_pretrainer,
-        build_masker=build_masker,
-        progress=False,
-        **kw,
-    )
+    kw.setdefault("build_model", build_pretrainer)
+    return train(recipe, manifest, out_dir=out, mlflow=OFF, progress=False, **kw)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -74,3 +66,23 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(manifest, tmp_p
 def test_bf16_autocast_runs_on_cpu(manifest, tmp_path):
     r = run(tiny_recipe(steps=2, precision="bf16"), manifest, tmp_path / "bf16")
     assert r.precision == "bf16" and all(torch.isfinite(torch.tensor(r.history["loss"])))
+
+
+def test_the_models_masker_gets_the_step_epoch_and_length(manifest, tmp_path):
+    """One masker per run: the dataset draws with the model's own masker, told where training stands."""
+    seen = []
+    model = build_pretrainer(tiny_recipe())
+    draw = model.masker
+
+    class Recording:
+        in_step = False
+
+        def __call__(self, generator=None, context=None):
+            seen.append((context.step, context.epoch, context.total_steps))
+            return draw(generator, context)
+
+    model.masker = Recording()
+    recipe = tiny_recipe(steps=4, batch_size=2, accum_steps=2)  # 12 images: 6 micro-batches an epoch
+    run(recipe, manifest, tmp_path / "out", build_model=lambda r: model)
+    # 4 steps x 2 micro-batches x 2 samples; step = micro-batch // accum; epoch changes after 6 micro-batches
+    assert seen == [(m // 2, m // 6, 4) for m in range(8) for _ in range(2)]

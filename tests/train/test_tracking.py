@@ -1,10 +1,11 @@
 import warnings
 
 import pytest
-from fake_parts import build_masker, build_pretrainer, tiny_recipe
+from fake_parts import build_pretrainer, tiny_recipe
 
+from maelab.analysis.viz import training_pictures
+from maelab.config import mlflow_settings, resolve_uri
 from maelab.train.engine import train
-from maelab.train.tracking import mlflow_settings, resolve_uri
 
 
 def run(recipe, manifest, out, mlflow):
@@ -14,8 +15,8 @@ def run(recipe, manifest, out, mlflow):
         out_dir=out,
         mlflow=mlflow,
         build_model=build_pretrainer,
-        build_masker=build_masker,
         progress=False,
+        pictures=training_pictures,  # train draws none itself; analysis draws them
     )
 
 

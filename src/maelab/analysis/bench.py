@@ -101,7 +101,7 @@ def bench_precision(
     recipe: dict[str, Any], precision: str, batch_size: int, steps: int, device: torch.device, warmup: int = 2
 ) -> dict[str, Any]:
     from maelab.models import build_pretrainer
-    from maelab.train.optim import build_optimizer
+    from maelab.train.optim import build_optimizer, optimizer_step
     from maelab.train.precision import autocast, grad_scaler, resolve_precision
 
     precision = resolve_precision(precision, device)
@@ -112,17 +112,12 @@ def bench_precision(
     step_model = torch.compile(model) if recipe.get("train", {}).get("compile") else model
     batch = synthetic_batch(model, recipe, batch_size, device)
 
-    def step() -> float:
+    def step() -> float:  # forward, backward and the engine's own optimiser step
         t0 = time.perf_counter()
         with autocast(precision, device):
             loss = step_model(batch).loss.float()
         (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, model.parameters(), scaler, recipe.get("train", {}).get("clip_grad"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0

@@ -24,14 +24,18 @@ from maelab.models.pretrainer import Pretrainer, build_pretrainer
 
 
 class _TraceableStep(nn.Module):
-    """Tensors in, loss out: what ``torch.jit.trace`` (used by fvcore) can follow."""
+    """Tensors in, loss out: what ``torch.jit.trace`` (used by fvcore) can follow. The plan travels as its
+    own fields and is rebuilt as ``plan_type`` (any ``MaskPlan`` subclass); no plan type: the model's
+    in-step masker makes the plan inside the traced forward."""
 
-    def __init__(self, model: Pretrainer, extras: dict[str, Tensor]) -> None:
+    def __init__(
+        self, model: Pretrainer, extras: dict[str, Tensor], plan_type: type[MaskPlan] | None
+    ) -> None:
         super().__init__()
-        self.model, self.extras = model, extras
+        self.model, self.extras, self.plan_type = model, extras, plan_type
 
-    def forward(self, image: Tensor, ids_keep: Tensor, ids_restore: Tensor, mask: Tensor) -> Tensor:
-        plan = MaskPlan(ids_keep, ids_restore, mask) if ids_keep.numel() else None
+    def forward(self, image: Tensor, *plan_tensors: Tensor) -> Tensor:
+        plan = self.plan_type.from_tensors(*plan_tensors) if self.plan_type is not None else None
         return self.model({"image": image, "plan": plan, **self.extras}).loss
 
 
@@ -70,18 +74,17 @@ def _analysis(recipe: dict[str, Any], seed: int) -> tuple[Any, Pretrainer]:
     extras: dict[str, Tensor] = {}
     for head in model.heads.values():
         extras.update(head.example_batch(1))
-    if model.masker is not None and not model.masker.in_step:
-        plan = MaskPlan.collate([model.masker(torch.Generator().manual_seed(seed))])
-    elif model.masker is None:
+    if model.masker is None:
         raise ValueError(f"recipe {recipe.get('name', '<recipe>')}: field 'masker' is missing")
-    else:  # in-step masker: the model makes its plan inside the traced forward
-        empty = torch.zeros(1, 0, dtype=torch.long)
-        plan = MaskPlan(empty, empty, empty.bool())
-    inputs = (image, plan.ids_keep, plan.ids_restore, plan.mask)
+    plan = None
+    if not model.masker.in_step:
+        plan = MaskPlan.collate([model.masker(torch.Generator().manual_seed(seed))])
+    inputs = (image, *(plan.tensors() if plan is not None else ()))
+    plan_type = type(plan) if plan is not None else None
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # jit tracer / deprecation chatter
-        analysis = FlopCountAnalysis(_TraceableStep(model, extras), inputs)
+        analysis = FlopCountAnalysis(_TraceableStep(model, extras, plan_type), inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         analysis.total()  # runs the trace inside the warning filter
     return analysis, model

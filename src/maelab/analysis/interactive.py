@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD
+from maelab.files import read_weights
 from maelab.masking.plan import MaskPlan
 from maelab.models.heads.pixel import patchify
 from maelab.models.heads.region import RegionHead, region_probs
 from maelab.models.pretrainer import Pretrainer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def region_head(model: Pretrainer, name: str | None = None) -> RegionHead:
@@ -273,15 +272,7 @@ def model_from_checkpoint(recipe: dict[str, Any], checkpoint: str | Path) -> Pre
     from maelab.models import build_pretrainer
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
+    state = read_weights(path)[0]
     model = build_pretrainer(recipe)
     try:
         model.load_state_dict(state)

@@ -116,8 +116,9 @@ def log_to_mlflow(
     """Log every number and the artifacts to one MLflow run (``report``); returns its run id."""
     import mlflow
 
-    from maelab.registry import tracking_uri
-    from maelab.train.tracking import bounded_http, flatten
+    from maelab.mlflow_http import bounded_http
+    from maelab.orchestration.registry import tracking_uri
+    from maelab.train.tracking import flatten
 
     bounded_http()
     mlflow.set_tracking_uri(tracking_uri())

@@ -1,18 +1,19 @@
-"""Pictures: the MAE-style reconstruction grid (He et al. 2022, Fig. 2): masked / reconstruction / input."""
+"""Pictures: the MAE-style reconstruction grid (He et al. 2022, Fig. 2): masked / reconstruction / input,
+R-MAE's region grid, and ``training_pictures``: what the engine logs to the tracker for a training step."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD
 
 
 def denormalize(
@@ -95,3 +96,28 @@ def region_grid(
     if scale > 1:
         grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def training_pictures(model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, bytes]:
+    """PNGs of one training step, ``{name: png}``: ``reconstruction`` (the pixel reconstruction grid) when
+    the model reconstructs pixels, and ``<head>`` for every region head (R-MAE's region grid). The engine
+    calls this with ``train(..., pictures=training_pictures)``; models only return tensors."""
+    from maelab.models.heads import PixelDecoderHead, RegionHead
+    from maelab.models.heads.region import region_plan
+
+    plan = getattr(outputs, "plan", None) or batch["plan"]
+    heads = dict(getattr(model, "heads", {}))
+    pics: dict[str, np.ndarray] = {}
+    if hasattr(model, "reconstruct") and (
+        not heads or any(isinstance(h, PixelDecoderHead) for h in heads.values())
+    ):
+        pics["reconstruction"] = reconstruction_grid(
+            batch["image"], model.reconstruct(batch, outputs).float(), plan.mask
+        )
+    for name, head in heads.items():
+        if isinstance(head, RegionHead) and name in outputs.outputs:
+            rmask = region_plan(plan, head.mask_ratio).mask
+            pics[name] = region_grid(
+                batch["image"], batch[head.key], outputs.outputs[name], rmask, head.spec.patch_size
+            )
+    return {name: png_bytes(array) for name, array in pics.items()}

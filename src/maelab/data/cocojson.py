@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from maelab.files import atomic_write_text
 
 _NUMBER = (int, float)
 MAX_SIDE = 1 << 16  # pixels: larger images (or RLE sizes) are refused before anything is allocated
@@ -40,11 +41,7 @@ def read_json(path: str | Path) -> Any:
 
 def write_json(obj: Any, path: str | Path) -> None:
     """Compact JSON, written atomically. ``json.dumps`` (C encoder), not ``json.dump`` (pure Python)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 class _Checker:
@@ -173,14 +170,8 @@ def check_relative(c: _Checker, name: str, where: str) -> None:
         c.fail(where, f"{name!r} leaves the dataset root (absolute or '..')")
 
 
-def check_instances(data: Any, name: str, lvis: bool = False) -> dict:
-    """Validate a COCO instances / LVIS dict; returns it unchanged. ``name`` is the file name for messages."""
-    c = _Checker(name)
-    if not isinstance(data, dict):
-        c.fail("top level", f"expected an object, got {type(data).__name__}")
-    images = c.list_of_dicts(data, "images")
-    cats = c.list_of_dicts(data, "categories")
-    anns = c.list_of_dicts(data, "annotations") if "annotations" in data or lvis else []
+def _check_images(c: _Checker, images: list[dict], lvis: bool) -> dict[int, tuple[int, int]]:
+    """Each image's id, file name and size; returns ``{image id: (h, w)}``."""
     sizes: dict[int, tuple[int, int]] = {}
     for i, im in enumerate(images):
         where = f"images[{i}]"
@@ -198,6 +189,18 @@ def check_instances(data: Any, name: str, lvis: bool = False) -> dict:
             if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIDE:
                 c.fail(f"{where}.{k}", f"expected a positive integer (at most {MAX_SIDE}), got {v!r}")
         sizes[iid] = (h, w)
+    return sizes
+
+
+def check_instances(data: Any, name: str, lvis: bool = False) -> dict:
+    """Validate a COCO instances / LVIS dict; returns it unchanged. ``name`` is the file name for messages."""
+    c = _Checker(name)
+    if not isinstance(data, dict):
+        c.fail("top level", f"expected an object, got {type(data).__name__}")
+    images = c.list_of_dicts(data, "images")
+    cats = c.list_of_dicts(data, "categories")
+    anns = c.list_of_dicts(data, "annotations") if "annotations" in data or lvis else []
+    sizes = _check_images(c, images, lvis)
     cat_ids = set()
     for i, cat in enumerate(cats):
         cid = c.int_id(cat, "id", f"categories[{i}]")

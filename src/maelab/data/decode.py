@@ -29,6 +29,7 @@ import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from maelab.files import atomic_write
 from maelab.pools import worker_pool
 
 log = logging.getLogger(__name__)
@@ -199,17 +200,24 @@ def probe(path: str, mask_path: str | None = None, min_side: int = 16, limits: L
     except Exception as e:  # e.g. struct.error from a broken EXIF block: still a bad file, never a crash
         return bad(f"undecodable: {type(e).__name__}: {e}", digest=digest)
     w, h = rgb.size
-    if mask_path is not None:
-        try:
-            with Image.open(io.BytesIO(read_bounded(mask_path, limits.max_file_bytes))) as m:  # header only
-                mw, mh = m.size
-        except FileNotFoundError:
-            return bad(f"missing mask {Path(mask_path).name}", w, h, digest)
-        except (OSError, SyntaxError, ValueError) as e:
-            return bad(f"bad mask {Path(mask_path).name}: {e}", w, h, digest)
-        if (mw, mh) != (w, h):
-            return bad(f"mask size {mw}x{mh} != image size {w}x{h}", w, h, digest)
+    reason = mask_problem(mask_path, (w, h), limits) if mask_path is not None else ""
+    if reason:
+        return bad(reason, w, h, digest)
     return with_min_side(Probe(w, h, digest, True, ""), min_side)
+
+
+def mask_problem(mask_path: str, size: tuple[int, int], limits: Limits) -> str:
+    """Why the mask at ``mask_path`` cannot go with an upright image of ``size`` (w, h); "" if it can."""
+    try:
+        with Image.open(io.BytesIO(read_bounded(mask_path, limits.max_file_bytes))) as m:  # header only
+            mw, mh = m.size
+    except FileNotFoundError:
+        return f"missing mask {Path(mask_path).name}"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"bad mask {Path(mask_path).name}: {e}"
+    if (mw, mh) != size:
+        return f"mask size {mw}x{mh} != image size {size[0]}x{size[1]}"
+    return ""
 
 
 def _probe_star(job: tuple[str, str | None, int, Limits]) -> Probe:
@@ -285,10 +293,7 @@ class DecodeCache:
             return  # nothing added, nothing dropped
         df = pd.DataFrame([{"key": k, **asdict(p)} for k, p in keep], columns=list(CACHE_COLUMNS))
         df = df.astype(CACHE_COLUMNS)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def with_min_side(p: Probe, min_side: int) -> Probe:

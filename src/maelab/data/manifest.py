@@ -63,3 +63,29 @@ def image_path(row: pd.Series | dict) -> Path:
 
 def mask_file(row: pd.Series | dict) -> Path | None:
     return None if pd.isna(row["mask_path"]) else Path(row["root"]) / row["mask_path"]
+
+
+def select_rows(
+    manifest: pd.DataFrame,
+    sources: list[str] | None = None,
+    splits: list[str] | None = None,
+    *,
+    where: str = "manifest",
+    fields: tuple[str, str] = ("sources", "splits"),
+    allow_empty: bool = False,
+) -> pd.DataFrame:
+    """Rows whose ``source`` is in ``sources`` and ``split`` in ``splits`` (None: any), index reset.
+
+    No row left is an error naming the config ``fields`` and the (source, split) pairs present, unless
+    ``allow_empty``."""
+    keep = pd.Series(True, index=manifest.index)
+    if sources is not None:
+        keep &= manifest["source"].isin(list(sources))
+    if splits is not None:
+        keep &= manifest["split"].isin(list(splits))
+    rows = manifest[keep.to_numpy(dtype=bool)]
+    if rows.empty and not allow_empty:
+        have = sorted(set(zip(manifest["source"].astype(str), manifest["split"].astype(str), strict=True)))
+        asked = f"{fields[0]}={sources} {fields[1]}={splits}"
+        raise ValueError(f"{where}: no rows for {asked}; (source, split) present: {have}")
+    return rows.reset_index(drop=True)

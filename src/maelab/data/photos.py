@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from maelab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ def copy_skimage_photos(root: str | Path, names: list[str] | tuple[str, ...] = D
             continue
         if arr.dtype != np.uint8:
             arr = (arr.astype(np.float64) * (255.0 / max(float(arr.max()), 1.0))).astype(np.uint8)
-        tmp = out.with_name(out.name + ".tmp")
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp, arr=arr: Image.fromarray(arr).save(tmp, format="PNG"))
         written.append(out.name)
     return written

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import zlib
@@ -41,6 +40,7 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from maelab.data.cocojson import write_json
+from maelab.files import atomic_write_text
 from maelab.pools import worker_pool
 
 log = logging.getLogger(__name__)
@@ -352,9 +352,7 @@ def generate(root: str | Path, cfg: ScenesConfig, workers: int = 2) -> dict[str,
         files += [ann_rel] + [f"images/{split}/{im['file_name']}" for im in images]
         files += [im["semantic_mask"] for im in images]
     stamp = {"digest": cfg.digest(), "config": asdict(cfg), "files": files}
-    tmp = root / (STAMP + ".tmp")
-    tmp.write_text(json.dumps(stamp))
-    os.replace(tmp, root / STAMP)
+    atomic_write_text(root / STAMP, json.dumps(stamp))
     seconds = time.perf_counter() - t0
     log.info(
         "scenes: generated %d images in %.1f s (%.0f images/s)",

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from maelab.config import project_root
 from maelab.data.cocojson import AnnotationError, load_instances, load_panoptic
 from maelab.data.decode import is_image_name
 from maelab.data.scenes import ScenesConfig
+from maelab.paths import project_root
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,16 @@
 """Masking strategies; every one returns a ``MaskPlan``."""
 
+from maelab.masking.context import MaskContext
 from maelab.masking.maskers import MASKERS, BlockMasker, Masker, RandomMasker, build_masker, nested_plan
 from maelab.masking.plan import MaskPlan
 
-__all__ = ["MASKERS", "BlockMasker", "MaskPlan", "Masker", "RandomMasker", "build_masker", "nested_plan"]
+__all__ = [
+    "MASKERS",
+    "BlockMasker",
+    "MaskContext",
+    "MaskPlan",
+    "Masker",
+    "RandomMasker",
+    "build_masker",
+    "nested_plan",
+]

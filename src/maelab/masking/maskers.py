@@ -2,14 +2,18 @@
 
 Maskers that need only the patch grid (``in_step = False``) run in the DataLoader workers and return
 ``[L]`` plans that ``MaskPlan.collate`` stacks. A masker that needs the model's own features (the
-self-guided "informed" masker) sets ``in_step = True`` and implements ``plan_batch(model, batch)``,
-which the Pretrainer calls inside the training step when the batch carries no plan.
+self-guided "informed" masker) sets ``in_step = True`` and implements ``plan_batch(batch, context)``,
+which the Pretrainer calls inside the training step when the batch carries no plan; ``context.model``
+is then the model. Both kinds get a :class:`~maelab.masking.context.MaskContext` (step, epoch, total
+steps), so a masker may change with training progress. One masker per run: the model's own
+(``Pretrainer.masker``), which the engine hands to the dataset.
 
 LoMaR (Chen et al. 2022, §3) fits the same shape: a window masker samples ``n`` windows of ``k x k``
-patches and masks a ratio inside each. It would return a ``MaskPlan`` subclass whose tensors are
-``[n, k*k]`` (one plan per window, indices local to the window) plus ``window_ids: [n, k*k]`` giving
-each window token's index in the full grid; ``collate`` stacks them to ``[B, n, ...]`` and the LoMaR
-head flattens ``B * n`` windows into the batch, gathers their patches and keeps mask tokens in the encoder.
+patches and masks a ratio inside each. It returns a ``MaskPlan`` subclass (extra tensor fields survive
+``collate``, ``to`` and FLOP tracing) whose ``mask`` is on the full grid ``[L]`` (True inside a window where
+masked) plus ``window_ids: [n, k*k]``, each window token's index in the grid (raster order in the window).
+An encoder built with ``mask_token=True, window_size=k`` replaces the masked patches by its mask token and
+encodes the ``B * n`` windows as the batch, ``[B*n, 1+k*k, D]`` (see ``maelab.models.vit``).
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
 
 Grid = tuple[int, int]
 
 
 class Masker:
-    """Base class: ``masker(generator) -> MaskPlan`` with ``[L]`` tensors for a ``grid = (gh, gw)``."""
+    """Base class: ``masker(generator, context) -> MaskPlan``, ``[L]`` tensors for a ``grid = (gh, gw)``."""
 
     in_step: bool = False
 
@@ -39,11 +44,13 @@ class Masker:
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def __call__(self, generator: torch.Generator | None = None) -> MaskPlan:
+    def __call__(
+        self, generator: torch.Generator | None = None, context: MaskContext | None = None
+    ) -> MaskPlan:
         raise NotImplementedError(f"{type(self).__name__} makes its plan inside the step (plan_batch)")
 
-    def plan_batch(self, model: torch.nn.Module, batch: dict[str, Any]) -> MaskPlan:
-        """In-step maskers: a ``[B, L]`` plan from the model and the batch."""
+    def plan_batch(self, batch: dict[str, Any], context: MaskContext) -> MaskPlan:
+        """In-step maskers: a ``[B, L]`` plan from the batch and ``context.model``."""
         raise NotImplementedError(f"{type(self).__name__} runs in the DataLoader workers, not in the step")
 
     def __repr__(self) -> str:
@@ -68,7 +75,9 @@ class RandomMasker(Masker):
         super().__init__(grid)
         self.ratio = _check_ratio("RandomMasker", ratio)
 
-    def __call__(self, generator: torch.Generator | None = None) -> MaskPlan:
+    def __call__(
+        self, generator: torch.Generator | None = None, context: MaskContext | None = None
+    ) -> MaskPlan:
         noise = torch.rand(self.num_patches, generator=generator)  # [L]
         return MaskPlan.from_noise(noise, self.ratio)
 
@@ -110,7 +119,9 @@ class BlockMasker(Masker):
         # [nh*bh, nw*bw] -> [nh, bh, nw, bw] -> [nh, nw, bh, bw] -> [nh*nw, bh*bw]
         return ids.view(nh, bh, nw, bw).permute(0, 2, 1, 3).reshape(nh * nw, bh * bw)
 
-    def __call__(self, generator: torch.Generator | None = None) -> MaskPlan:
+    def __call__(
+        self, generator: torch.Generator | None = None, context: MaskContext | None = None
+    ) -> MaskPlan:
         blocks = self.block_patches()  # [n_blocks, bh*bw]
         order = torch.argsort(torch.rand(blocks.shape[0], generator=generator))  # block shuffle
         ids_shuffle = blocks[order].flatten()  # block-major patch order, [n_blocks*bh*bw]
@@ -131,8 +142,7 @@ def nested_plan(plan: MaskPlan, ratio: float | None) -> MaskPlan:
     num_keep = int(plan.num_patches * (1 - float(ratio)))
     if num_keep == plan.num_keep:
         return plan
-    ids_shuffle = torch.argsort(plan.ids_restore, dim=-1)  # inverse permutation = the plan's shuffle
-    return MaskPlan.from_shuffle(ids_shuffle, num_keep)
+    return plan.recut(num_keep)  # the plan's own type, extra fields kept
 
 
 MASKERS: dict[str, type[Masker]] = {"random": RandomMasker, "block": BlockMasker}

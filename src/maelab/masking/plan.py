@@ -3,14 +3,21 @@
 Every branch of a training step (pixels, regions, teachers) reads the same plan, so a
 variant never re-draws its own mask. Maskers that need only the image grid run in the
 DataLoader workers and return one plan per sample (no batch dim); ``collate`` stacks them.
+
+A masker may return a subclass with more tensor fields (LoMaR's window ids, a self-guided masker's
+scores): ``collate``, ``to`` and ``tensors``/``from_tensors`` work field by field from the dataclass
+fields, so the extra fields survive DataLoader workers, device moves and FLOP tracing unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+P = TypeVar("P", bound="MaskPlan")
 
 
 @dataclass(frozen=True)
@@ -68,18 +75,42 @@ class MaskPlan:
     def num_patches(self) -> int:
         return self.mask.shape[-1]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskPlan:
-        return MaskPlan(
-            self.ids_keep.to(device, non_blocking=non_blocking),
-            self.ids_restore.to(device, non_blocking=non_blocking),
-            self.mask.to(device, non_blocking=non_blocking),
-        )
+    def recut(self: P, num_keep: int) -> P:
+        """The same shuffle order (``argsort(ids_restore)``) cut after ``num_keep`` patches: nested visible
+        sets; extra fields of a subclass are kept."""
+        base = MaskPlan.from_shuffle(torch.argsort(self.ids_restore, dim=-1), num_keep)
+        return replace(self, ids_keep=base.ids_keep, ids_restore=base.ids_restore, mask=base.mask)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every field's tensor, in field order (what ``from_tensors`` takes back)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def from_tensors(cls: type[P], *tensors: Tensor) -> P:
+        """Inverse of ``tensors``: the plan of this type from its fields in order (e.g. after tracing)."""
+        return cls(*tensors)
+
+    def to(self: P, device: torch.device | str, non_blocking: bool = False) -> P:
+        """The same plan type with every tensor field on ``device``."""
+        return type(self)(**{f.name: _to(getattr(self, f.name), device, non_blocking) for f in fields(self)})
 
     @staticmethod
-    def collate(plans: list[MaskPlan]) -> MaskPlan:
-        """Stack per-sample plans ``[L]`` into a batch plan ``[B, L]``."""
-        return MaskPlan(
-            torch.stack([p.ids_keep for p in plans]),
-            torch.stack([p.ids_restore for p in plans]),
-            torch.stack([p.mask for p in plans]),
-        )
+    def collate(plans: list[P]) -> P:
+        """Stack per-sample plans ``[L]`` into a batch plan ``[B, L]`` of the first plan's type; every
+        tensor field is stacked, other fields must agree across the batch."""
+        cls = type(plans[0])
+        if any(type(p) is not cls for p in plans):
+            raise TypeError(f"MaskPlan.collate: mixed plan types {sorted({type(p).__name__ for p in plans})}")
+        return cls(**{f.name: _stack([getattr(p, f.name) for p in plans], f.name) for f in fields(cls)})
+
+
+def _to(value: Any, device: torch.device | str, non_blocking: bool) -> Any:
+    return value.to(device, non_blocking=non_blocking) if isinstance(value, Tensor) else value
+
+
+def _stack(values: list[Any], name: str) -> Any:
+    if isinstance(values[0], Tensor):
+        return torch.stack(values)
+    if any(v != values[0] for v in values[1:]):
+        raise ValueError(f"MaskPlan.collate: field {name!r} is not a tensor and differs across the batch")
+    return values[0]

@@ -10,14 +10,13 @@ visualisation checkpoints hold the full model.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from maelab.files import atomic_write, read_weights
 from maelab.models.pretrainer import Pretrainer
 from maelab.models.vit import ViTEncoder
 
@@ -38,23 +37,7 @@ def is_decoder_key(key: str) -> bool:
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``);
     a ``"model"`` entry is unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, pickled code, ...
-        raise ValueError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: field 'model' (or the top level) is not a mapping of names to tensors")
-    return dict(state)
+    return read_weights(path)[0]
 
 
 def _check_keys(expected: set[str], got: set[str], where: str) -> None:
@@ -121,19 +104,9 @@ def save_official_mae(
     """Write ``{"model": official state dict}`` atomically (tmp file + ``os.replace``); ``.safetensors``
     paths get a flat safetensors file instead."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in to_official_mae(model, head, encoder_only).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
 
-            save_file(state, tmp)
-        else:
-            torch.save({"model": state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    return atomic_write(path, lambda tmp: torch.save({"model": state}, tmp))

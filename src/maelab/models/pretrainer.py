@@ -6,13 +6,13 @@ MAE is the recipe ``masker: random`` + ``heads: {pixel: pixel_decoder}``; nothin
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from maelab.masking import Masker, build_masker
+from maelab.masking import MaskContext, Masker, build_masker
 from maelab.masking.plan import MaskPlan
 from maelab.models.compat import check_compatible
 from maelab.models.heads import HEADS, Head, PixelDecoderHead, build_head
@@ -30,7 +30,8 @@ class PretrainOutput:
 class Pretrainer(nn.Module):
     """Encoder + named heads.
 
-    ``forward(batch)``: batch = dict(image=[B, C, H, W], plan=MaskPlan [B, L], ...extras).
+    ``forward(batch)``: batch = dict(image=[B, C, H, W], plan=MaskPlan [B, L], ...extras). Without a plan,
+    the recipe's in-step masker makes one from ``batch["context"]`` (a ``MaskContext``) and this model.
 
     Heads run in ascending ``priority`` (a head attribute, default 0; ties keep recipe order) and see a
     fresh per-step dict ``batch["shared"]`` through which a head may hand tensors to the heads after it
@@ -65,7 +66,7 @@ class Pretrainer(nn.Module):
         if plan is not None:
             return plan
         if self.masker is not None and self.masker.in_step:
-            return self.masker.plan_batch(self, batch)
+            return self.masker.plan_batch(batch, replace(batch.get("context") or MaskContext(), model=self))
         raise KeyError("batch has no 'plan' and the recipe's masker does not run in the step")
 
     def forward(self, batch: dict[str, Any]) -> PretrainOutput:
@@ -95,23 +96,6 @@ class Pretrainer(nn.Module):
         name, head = self.pixel_head()
         plan = out.plan if out.plan is not None else batch["plan"]
         return head.reconstruct(batch["image"], out.outputs[name], plan.mask)
-
-    @torch.no_grad()
-    def pictures(self, batch: dict[str, Any], out: PretrainOutput) -> dict[str, Any]:
-        """Pictures for the tracker, ``{name: [H, W, 3] uint8}``: the pixel reconstruction grid when the
-        recipe has a pixel decoder, plus ``<head>`` for every head with a ``picture(batch, output, plan)``."""
-        from maelab.analysis.viz import reconstruction_grid
-
-        plan = out.plan if out.plan is not None else batch["plan"]
-        pics: dict[str, Any] = {}
-        if any(isinstance(h, PixelDecoderHead) for h in self.heads.values()):
-            pics["reconstruction"] = reconstruction_grid(
-                batch["image"], self.reconstruct(batch, out).float(), plan.mask
-            )
-        for name, head in self.heads.items():
-            if hasattr(head, "picture") and name in out.outputs:
-                pics[name] = head.picture(batch, out.outputs[name], plan)
-        return pics
 
 
 def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretrainer:

@@ -2,11 +2,24 @@
 
 Masked pre-training encodes only the kept tokens (MAE, He et al. 2022, §3 "MAE encoder"): patches are
 embedded, get their fixed 2-D sin-cos position, then the plan's ``ids_keep`` selects the visible ones.
+
+Extension points, in the manner of timm's ``VisionTransformer`` (all off by default, which is MAE's encoder):
+- ``block_fn`` / ``attn_layer``: the block and the attention layer (default timm ``Block`` with
+  :class:`maelab.models.attention.Attention`, i.e. timm's fused attention);
+- ``mask_token``: keep every token and replace the masked ones by a learned mask token (LoMaR §3, "we feed
+  all the patches, including visible and masked ones ... to the encoder");
+- ``window_size``: windows of ``k x k`` patches as the batch (LoMaR §3): the plan's ``window_ids``
+  ``[B, n, k*k]`` (grid indices of each window's patches, raster order) when it has them, else the
+  fixed non-overlapping partition of the grid; every window gets its own CLS token;
+- ``rel_pos``: a decomposed relative position bias in every block over the token grid (a window's grid
+  when windowed), on top of the absolute sin-cos positions (LoMaR §3 uses relative positions);
+- attention probabilities of chosen blocks: :meth:`ViTEncoder.forward_attention` (the other blocks stay
+  fused).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,6 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from maelab.masking.plan import MaskPlan
+from maelab.models.attention import Attention, record_attention, window_partition
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -69,7 +83,8 @@ class EncoderSpec:
 
 
 class ViTEncoder(nn.Module):
-    """ViT with a CLS token and fixed 2-D sin-cos positions; ``forward_features`` sees only kept tokens."""
+    """ViT with a CLS token and fixed 2-D sin-cos positions; ``forward_features`` sees only kept tokens
+    (every token with ``mask_token``; one sequence per window with ``window_size``)."""
 
     def __init__(
         self,
@@ -84,6 +99,12 @@ class ViTEncoder(nn.Module):
         norm_layer: type[nn.Module] | partial = partial(nn.LayerNorm, eps=1e-6),
         drop_path_rate: float = 0.0,
         fused_attn: bool = True,
+        *,
+        block_fn: Callable[..., nn.Module] = Block,
+        attn_layer: Callable[..., nn.Module] = Attention,
+        mask_token: bool = False,
+        window_size: int | None = None,
+        rel_pos: bool = False,
     ) -> None:
         super().__init__()
         self.img_size, self.patch_size = _pair(img_size), int(patch_size)
@@ -94,18 +115,32 @@ class ViTEncoder(nn.Module):
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.embed_dim, self.depth, self.num_prefix_tokens = embed_dim, depth, 1
         self.in_chans = in_chans
+        self.window_size = int(window_size) if window_size else None
+        if self.window_size and (self.grid[0] % self.window_size or self.grid[1] % self.window_size):
+            raise ValueError(f"encoder.window_size {window_size} must divide the patch grid {self.grid}")
 
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         # fixed, never trained: a buffer, saved in the state dict under the official name
         self.register_buffer(
             "pos_embed", sincos_2d(embed_dim, self.grid)[None], persistent=True
         )  # [1, 1+L, D]
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer, drop_path=dpr[i])
+            block_fn(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                norm_layer=norm_layer,
+                drop_path=dpr[i],
+                attn_layer=attn_layer,
+            )
             for i in range(depth)
         )
+        if rel_pos:
+            self.add_rel_pos()
         self.norm = norm_layer(embed_dim)
         self.set_fused_attn(fused_attn)
         self.init_weights()
@@ -113,6 +148,14 @@ class ViTEncoder(nn.Module):
     @property
     def spec(self) -> EncoderSpec:
         return EncoderSpec(self.embed_dim, self.grid, self.patch_size, self.in_chans, self.num_prefix_tokens)
+
+    def add_rel_pos(self) -> None:
+        """A relative position bias in every block, over the grid of one sequence (a window's if windowed)."""
+        token_grid = (self.window_size,) * 2 if self.window_size else self.grid
+        for i, blk in enumerate(self.blocks):
+            if not isinstance(blk.attn, Attention):
+                raise TypeError(f"encoder.rel_pos: block {i} attention is {type(blk.attn).__name__}")
+            blk.attn.add_rel_pos(token_grid, self.num_prefix_tokens)
 
     def set_fused_attn(self, enable: bool) -> None:
         """Fused SDPA (fast) or explicit ``softmax(q k^T) v`` (FLOP counters see the matmuls)."""
@@ -125,19 +168,42 @@ class ViTEncoder(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_linear_norm)
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token"}
+        return {"cls_token", "mask_token"} if self.mask_token is not None else {"cls_token"}
 
     # -- forward ---------------------------------------------------------------------------------
     def embed(self, x: Tensor, plan: MaskPlan | None = None) -> Tensor:
-        """[B, C, H, W] -> [B, 1+L_keep, D]: embed, add positions, keep ``plan.ids_keep``, prepend CLS."""
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # [B, L, D]
-        if plan is not None:
+        """[B, C, H, W] -> [B, 1+L_keep, D]: embed, add positions, keep ``plan.ids_keep``, prepend CLS.
+
+        With ``mask_token``: [B, 1+L, D], masked patches replaced by the mask token before the positions
+        are added; with ``window_size``: [B*n, 1+k*k, D], one sequence per window."""
+        x = self.patch_embed(x)  # [B, L, D]
+        if plan is not None and self.mask_token is not None:
+            x = torch.where(plan.mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = x + self.pos_embed[:, 1:]  # [B, L, D]
+        if plan is not None and self.mask_token is None:
             x = gather_tokens(x, plan.ids_keep)  # [B, L_keep, D]
+        if self.window_size:
+            x = self.windows(x, plan)  # [B*n, k*k, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
         return torch.cat([cls, x], dim=1)
+
+    def windows(self, x: Tensor, plan: MaskPlan | None) -> Tensor:
+        """[B, L, D] -> [B*n, k*k, D]: the plan's ``window_ids`` [B, n, k*k] if it has them, else the grid's
+        non-overlapping k x k windows (raster order inside each)."""
+        if x.shape[1] != self.grid[0] * self.grid[1]:
+            raise ValueError("encoder.window_size needs every token: set encoder.mask_token with a plan")
+        window_ids = getattr(plan, "window_ids", None)
+        if window_ids is not None:
+            b, n, kk = window_ids.shape
+            return gather_tokens(x, window_ids.reshape(b, n * kk)).reshape(b * n, kk, x.shape[-1])
+        k = self.window_size
+        win, _ = window_partition(x.view(x.shape[0], *self.grid, x.shape[-1]), k)  # [B*n, k, k, D]
+        return win.reshape(win.shape[0], k * k, x.shape[-1])
 
     def forward_features(self, x: Tensor, plan: MaskPlan | None = None) -> Tensor:
         """[B, C, H, W] -> [B, 1+L_keep, D] (L_keep = L without a plan), after the final norm."""
@@ -158,6 +224,15 @@ class ViTEncoder(nn.Module):
             if i in take:
                 feats[i] = self.norm(x) if norm else x
         return self.norm(x), [feats[i] for i in take]
+
+    def forward_attention(
+        self, x: Tensor, plan: MaskPlan | None = None, indices: Sequence[int] = (-1,)
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Final output and the attention probabilities ``{i: [B, heads, N, N]}`` of blocks ``indices``
+        (negative count from the end); only those blocks leave fused SDPA."""
+        with record_attention(self.blocks, self.block_indices(indices)) as maps:
+            out = self.forward_features(x, plan)
+        return out, maps
 
     def block_indices(self, indices: int | Sequence[int]) -> list[int]:
         if isinstance(indices, int):

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from maelab.orchestration import registry
 from maelab.orchestration.decision import Decision, DecisionRecord, decide
 
 
@@ -71,7 +72,6 @@ def compare_and_promote(
     extra: dict[str, Any] | None = None,
 ) -> DecisionRecord:
     """Tag the candidate with its metric, compare with ``champion``, move the alias if it wins, record."""
-    from maelab import registry
 
     c = registry.client(env)
     if value is not None:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import lzma
 import os
-import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from kedro.io import AbstractDataset
 
+from maelab.files import TMP_PREFIX, atomic_write, atomic_write_bytes
 from maelab.pools import held_lock
 from maelab.regions.sources import RegionSource, storage_dtype
 
@@ -59,20 +58,6 @@ CODECS = ("lzma", "zlib")
 MAX_OPEN_SHARDS = 32  # shard descriptors one store keeps open per process (LRU); ImageNet has ~5,000 shards
 
 
-def _tmp_path(path: Path) -> Path:
-    """A private temp name next to ``path`` (unique per process and thread); ``gc`` removes leftovers."""
-    return path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def encode(maps: np.ndarray, codec: str = "lzma") -> tuple[bytes, np.dtype]:
     """``[S, H, W]`` labels -> (compressed bytes, stored dtype)."""
     dtype = storage_dtype(maps)
@@ -95,7 +80,7 @@ def write_shard(shard_dir: Path, ids: list[str], blobs: list[bytes]) -> tuple[st
     digest = hashlib.sha1("\n".join(ids).encode() + b"\0" + data).hexdigest()[:24]
     name = f"{digest}.bin"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(shard_dir / name, data)
+    atomic_write_bytes(shard_dir / name, data, fsync=True)
     offsets = np.cumsum([0] + [len(b) for b in blobs[:-1]]).tolist() if blobs else []
     return name, offsets
 
@@ -205,11 +190,7 @@ class SourceStore:
         parts = [df for df in (old, _conform_index(new) if len(new) else None) if df is not None and len(df)]
         index = _conform_index(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_path(self.index_path)
-        index.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.index_path)
+        atomic_write(self.index_path, lambda tmp: index.to_parquet(tmp, index=False), fsync=True)
         self._index, self._rows = index, None
 
     def write_meta(self, source: RegionSource) -> None:
@@ -222,7 +203,7 @@ class SourceStore:
             "layers": source.layers,
         }
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(
+        atomic_write_bytes(
             self.meta_path, (json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n").encode()
         )
 
@@ -250,7 +231,7 @@ class SourceStore:
             if not d.is_dir():
                 continue
             for f in d.iterdir():
-                if f.name.startswith(".tmp-") or (d == self.shard_dir and f.name not in keep):
+                if f.name.startswith(TMP_PREFIX) or (d == self.shard_dir and f.name not in keep):
                     f.unlink(missing_ok=True)
                     removed += 1
         return removed
@@ -344,38 +325,3 @@ class RegionStore:
 
     def __repr__(self) -> str:
         return f"RegionStore({str(self.path)!r}, sources={self.names()})"
-
-
-class RegionStoreDataset(AbstractDataset[Mapping[str, Iterable[tuple[str, str, np.ndarray]]], RegionStore]):
-    """Kedro dataset for the region store.
-
-    ``load()`` returns a :class:`RegionStore` handle (nothing is read until ``store[name].get(id)``); the
-    ``regions`` node writes through it shard by shard so a long run is incremental and safe to kill.
-    ``save({source: [(image_id, content_hash, maps), ...]})`` appends one shard per source; ``save(handle)``
-    (the node returning the handle it wrote through) has nothing left to write.
-    """
-
-    def __init__(self, path: str, codec: str = "lzma", metadata: dict[str, Any] | None = None) -> None:
-        RegionStore(path, codec)  # validates codec
-        self._path = Path(path)
-        self._codec = codec
-        self.metadata = metadata
-
-    def load(self) -> RegionStore:
-        return RegionStore(self._path, self._codec)
-
-    def save(self, data: RegionStore | Mapping[str, Iterable[tuple[str, str, np.ndarray]]]) -> None:
-        if isinstance(data, RegionStore):  # the regions node wrote through this handle already
-            if data.path.resolve() != self._path.resolve():
-                raise ValueError(f"region store: a handle on {data.path} cannot be saved to {self._path}")
-            return
-        store = self.load()
-        for name, items in data.items():
-            with store[name].lock():
-                store[name].append(items, codec=self._codec)
-
-    def _exists(self) -> bool:
-        return True  # an empty store is a valid (empty) input
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "codec": self._codec}

@@ -6,6 +6,7 @@ Runs alone or under ``torchrun --nproc_per_node=N`` (also multi-node with ``--rd
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from maelab.config import load_recipe
+from maelab.config import load_recipe, mlflow_settings
 from maelab.schema import check_recipe
 
 
@@ -34,6 +35,15 @@ def apply_sets(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return recipe
 
 
+def load_function(spec: str) -> Any:
+    """``package.module:function`` -> the function (a plug-in named on the command line)."""
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"--pictures {spec!r}: expected an importable MODULE:FUNCTION ({exc})") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m maelab.train", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
@@ -50,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after", type=int, default=None, help="stop after this global step (keeps the schedule)"
     )
     p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument(
+        "--pictures",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="pictures to log, e.g. maelab.analysis.viz:training_pictures",
+    )
     return p
 
 
@@ -85,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest,
             resume=args.resume or None,
             out_dir=args.out_dir,
-            env=args.env,
             stop_after=args.stop_after,
-            mlflow={"enabled": False} if args.no_mlflow else None,
+            mlflow=None if args.no_mlflow else mlflow_settings(args.env),
+            pictures=load_function(args.pictures) if args.pictures else None,
         )
     finally:
         distributed.cleanup()

@@ -1,25 +1,28 @@
-"""Checkpoints are data: tensors and plain python values, saved atomically (tmp + ``os.replace``, mode
-0644) and loaded with ``torch.load(weights_only=True)``. The encoder is also exported as safetensors, with
-its header (tensor entries and metadata) in sorted order so identical weights give identical bytes.
+"""Checkpoints are data: tensors and plain python values, saved atomically (tmp + ``os.replace``)
+and loaded with ``torch.load(weights_only=True)``. The encoder is also exported as safetensors.
 
-Temp files are named ``.<name>.tmp<pid>``; :func:`remove_stale_temps` deletes those a killed run left."""
+A training checkpoint is the model, optimiser and scaler plus a :class:`TrainingState` (the step done,
+the data position, the loss history, the MLflow run) and every rank's RNG states: what an exact resume
+needs (see ``train/data.py`` for why the data position is enough for the data order).
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
+import logging
 import random
-import struct
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
-TMP_MARK = ".tmp"  # temp files: f".{name}{TMP_MARK}{pid}"
+from maelab.files import atomic_write, torch_load_weights
+from maelab.train import distributed as D
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -44,45 +47,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # readable like any output, whatever the writer's default
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete the temp files (``.<name>.tmp<pid>``) that killed runs left in ``folder``; call it only while
-    holding the folder's lock (no live writer). Returns what was removed."""
-    folder = Path(folder)
-    removed = []
-    for f in folder.glob(f".*{TMP_MARK}*") if folder.is_dir() else ():
-        if f.is_file() and f.name.rsplit(TMP_MARK, 1)[-1].isdigit():
-            f.unlink(missing_ok=True)
-            removed.append(f)
-    return removed
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    return _atomic(Path(path), lambda tmp: torch.save(state, tmp))
-
-
-def torch_load_weights(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on CPU; a file holding arbitrary Python objects is refused with our
-    own message (torch's suggests ``weights_only=False``, which would run code from the file)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"{path}: holds Python objects beyond tensors and plain values; maelab loads weights with "
-            "weights_only=True and never unpickles code (save a state dict, or use safetensors)"
-        ) from None
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict[str, Any]:
@@ -90,12 +56,7 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict[str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    try:
-        state = torch_load_weights(path)
-    except ValueError:
-        raise
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable maelab checkpoint ({exc})") from exc
+    state = torch_load_weights(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     missing = [k for k in required if k not in state]
@@ -104,20 +65,104 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict[str,
     return state
 
 
-def safetensors_sorted(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
-    """safetensors bytes with a sorted, compact header: the library writes its header from hash maps, so
-    the same weights and metadata can come out in different byte orders. Offsets are relative to the data
-    section, which is unchanged, so reordering the JSON header is safe."""
-    blob = safetensors_bytes(tensors, metadata=dict(sorted((metadata or {}).items())) or None)
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
-    return struct.pack("<Q", len(text)) + text + blob[8 + n :]
+@dataclass
+class TrainingState:
+    """Where a run stands: ``step`` optimiser steps done, ``consumed`` micro-batches drawn by this rank,
+    the per-step ``history`` and the MLflow ``run_id``; ``rng``: every rank's RNG states when resumed."""
+
+    step: int = 0
+    consumed: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lr": []})
+    run_id: str | None = None
+    rng: list[dict[str, Any]] | None = None
+
+    def restore_rng(self, rank: int) -> None:
+        """This rank's saved RNG states (call after building everything that might draw random numbers)."""
+        if self.rng:
+            set_rng_state(self.rng[rank] if rank < len(self.rng) else self.rng[0])
 
 
-def save_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> Path:
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(safetensors_sorted(flat, metadata)))
+def save_training_state(
+    path: Path,
+    state: TrainingState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    meta: dict[str, Any],
+) -> None:
+    """Every rank calls it (it gathers every rank's RNG for an exact resume under DDP); rank 0 writes.
+
+    meta: ``batches_per_epoch``, ``total_steps``, ``schedule``, ``world_size``, ``batch_size``, ``recipe``."""
+    rngs = D.all_gather_object(rng_state())
+    if D.rank() == 0:
+        bpe = meta["batches_per_epoch"]
+        data = {"epoch": state.consumed // bpe, "batch": state.consumed % bpe, "consumed": state.consumed}
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "step": state.step,
+                "total_steps": meta["total_steps"],
+                "schedule": meta["schedule"],
+                "data": data,
+                "rng": rngs,
+                "history": state.history,
+                "mlflow_run_id": state.run_id,
+                "world_size": meta["world_size"],
+                "batch_size": meta["batch_size"],
+                "recipe": meta["recipe"],
+            },
+        )
+    D.barrier()
+
+
+RESUME_KEYS = ("model", "optimizer", "step", "data", "history", "rng")
+
+
+def load_training_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    meta: dict[str, Any],
+) -> TrainingState:
+    """Load weights, optimiser and scaler in place; return the run's state (RNG: ``restore_rng``).
+
+    meta: this run's (as for :func:`save_training_state`); a changed world size, batch size or schedule
+    is warned about, since the resumed run then no longer reproduces the saved one."""
+    ckpt = load_checkpoint(path, required=RESUME_KEYS)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    warn_changes(path, ckpt, meta)
+    return TrainingState(
+        int(ckpt["step"]),
+        int(ckpt["data"]["consumed"]),
+        ckpt["history"],
+        ckpt.get("mlflow_run_id"),
+        ckpt["rng"],
+    )
+
+
+def warn_changes(path: Path, ckpt: dict[str, Any], meta: dict[str, Any]) -> None:
+    if ckpt.get("world_size") != meta["world_size"] or ckpt.get("batch_size") != meta["batch_size"]:
+        log.warning(
+            "%s: saved with world_size=%s batch_size=%s, resuming with %s/%s: data order is not exact",
+            path,
+            ckpt.get("world_size"),
+            ckpt.get("batch_size"),
+            meta["world_size"],
+            meta["batch_size"],
+        )
+    saved, now = ckpt.get("schedule"), meta["schedule"]
+    if saved is not None and saved != now:
+        changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+        log.warning(
+            "%s: resuming with a different schedule (%s; train.steps / blr / lr / warm-up changed): the "
+            "run continues on the new schedule and no longer reproduces the original one",
+            path,
+            changed,
+        )

@@ -4,13 +4,15 @@ Reproducibility: every random draw of a sample (crop, flip, mask, extras) comes 
 ``torch.Generator`` seeded from ``(seed, epoch, index)``, inside the worker. A run therefore
 sees the same samples whatever ``num_workers`` is, and resuming needs only the data position
 ``(epoch, batch in epoch)``: the sampler re-creates the epoch's permutation and skips the
-consumed batches without decoding them.
+consumed batches without decoding them. The sampler also says which batch of the run a sample
+belongs to, so the masker gets the optimiser step it masks for (``MaskContext``).
 
-Sample extras (plug-ins): ``extra(sample, row, view, generator) -> None`` adds keys to the
-sample dict, after the image and plan are made. It must apply ``view`` to anything aligned
-with the image (``view.apply_labels`` for label maps) and read ``sample["plan"]`` when it
-depends on the mask (e.g. R-MAE region maps share the pixel branch's plan, §3.2). Extra
-tensors are stacked by :func:`collate`; an extra may also return plain python values.
+Sample extras (plug-ins, chosen by the recipe's ``data`` block through ``SAMPLE_EXTRAS``):
+``extra(sample, row, view, generator) -> None`` adds keys to the sample dict, after the image
+and plan are made. It must apply ``view`` to anything aligned with the image
+(``view.apply_labels`` for label maps) and read ``sample["plan"]`` when it depends on the mask
+(e.g. R-MAE region maps share the pixel branch's plan, §3.2). Extra tensors are stacked by
+:func:`collate`; an extra may also return plain python values.
 """
 
 from __future__ import annotations
@@ -26,12 +28,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maelab.data.decode import load_rgb
-from maelab.data.manifest import image_path
-from maelab.data.view import View
+from maelab.data.manifest import image_path, select_rows
+from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD, View
+from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SampleExtra = Callable[[dict[str, Any], pd.Series, View, torch.Generator], None]
 
@@ -47,47 +47,60 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seed(seed, epoch, index)
 
 
-def select_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "manifest") -> pd.DataFrame:
-    """Rows of the manifest whose ``source``/``split`` are in ``data.sources``/``data.splits``."""
+def manifest_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str = "manifest") -> pd.DataFrame:
+    """Manifest rows whose ``source``/``split`` are in ``data.sources``/``data.splits`` (unset: any)."""
     for col in ("source", "split", "root", "path"):
         if col not in manifest.columns:
             raise ValueError(f"{where}: missing column {col!r} (see maelab.data.manifest)")
-    rows = manifest
-    if data_cfg.get("sources"):
-        rows = rows[rows["source"].isin(list(data_cfg["sources"]))]
-    if data_cfg.get("splits"):
-        rows = rows[rows["split"].isin(list(data_cfg["splits"]))]
-    if rows.empty:
-        have = sorted(set(zip(manifest["source"].astype(str), manifest["split"].astype(str), strict=True)))
-        raise ValueError(
-            f"{where}: no rows for data.sources={data_cfg.get('sources')} "
-            f"data.splits={data_cfg.get('splits')}; (source, split) present: {have}"
-        )
-    return rows.reset_index(drop=True)
+    sources, splits = data_cfg.get("sources") or None, data_cfg.get("splits") or None
+    return select_rows(manifest, sources, splits, where=where, fields=("data.sources", "data.splits"))
 
 
-def recipe_extras(data_cfg: dict[str, Any], heads: dict[str, Any] | None = None) -> list[SampleExtra]:
-    """Sample extras the recipe's ``data`` block asks for: ``regions: {source, k, store, ...}`` attaches
-    R-MAE's :class:`~maelab.regions.sampling.RegionExtra` reading the region store folder ``store`` (the Kedro
+ExtraFactory = Callable[[dict[str, Any], dict[str, Any]], SampleExtra]
+
+# The recipe's ``data`` block picks sample extras by key: ``data.<key>: {params}`` ->
+# ``factory(params, recipe)`` (the whole recipe, for what the extra must agree with: a head's mask ratio).
+# Extras run in this order (after the image and the plan). MR-MAE's teacher features register "teacher".
+SAMPLE_EXTRAS: dict[str, ExtraFactory] = {}
+
+
+def register_extra(key: str) -> Callable[[ExtraFactory], ExtraFactory]:
+    """Decorator: ``@register_extra("teacher")`` on ``factory(params, recipe) -> SampleExtra``."""
+
+    def add(factory: ExtraFactory) -> ExtraFactory:
+        if key in SAMPLE_EXTRAS:
+            raise ValueError(f"sample extra {key!r} is registered twice")
+        SAMPLE_EXTRAS[key] = factory
+        return factory
+
+    return add
+
+
+@register_extra("regions")
+def region_extra(params: dict[str, Any], recipe: dict[str, Any]) -> SampleExtra:
+    """R-MAE's region maps: ``data.regions: {source, k, store, ...}`` ->
+    :class:`~maelab.regions.sampling.RegionExtra` reading the region store folder ``store`` (the Kedro
     pretrain node sets it from the ``region_store`` dataset; ``python -m maelab.train`` from the catalog).
-    ``heads`` gives it the region head's mask ratio, so eligibility uses the region plan.
-    """
-    out: list[SampleExtra] = []
-    regions = data_cfg.get("regions")
-    if regions:
-        from maelab.regions.sampling import RegionExtra
+    The recipe's heads give it the region head's mask ratio, so eligibility uses the region plan."""
+    from maelab.regions.sampling import RegionExtra
 
-        if not regions.get("store"):
-            raise ValueError(
-                "recipe data.regions: field 'store' (the region store folder) is not set; run through the "
-                "Kedro pretrain pipeline, which reads it from the region_store dataset"
-            )
-        out.append(RegionExtra.from_params(regions, heads=heads))
-    return out
+    if not params.get("store"):
+        raise ValueError(
+            "recipe data.regions: field 'store' (the region store folder) is not set; run through the "
+            "Kedro pretrain pipeline, which reads it from the region_store dataset"
+        )
+    return RegionExtra.from_params(params, heads=recipe.get("heads"))
+
+
+def recipe_extras(recipe: dict[str, Any]) -> list[SampleExtra]:
+    """The sample extras the recipe's ``data`` block asks for, one per registered key that is set."""
+    data_cfg = recipe.get("data", {})
+    return [factory(data_cfg[key], recipe) for key, factory in SAMPLE_EXTRAS.items() if data_cfg.get(key)]
 
 
 class PretrainDataset(Dataset):
-    """Map-style dataset indexed by ``(epoch, index)`` (what :class:`EpochBatchSampler` yields).
+    """Map-style dataset indexed by ``(epoch, index[, batch])`` (what :class:`EpochBatchSampler` yields;
+    ``batch``: the run's micro-batch number, so the masker's context has ``step = batch // accum_steps``).
 
     A sample: ``image [3, H, W]`` float (ImageNet-normalised), ``plan`` (``MaskPlan [L]``, absent
     when the masker runs in the step), ``index``, ``image_id``, plus what the extras add.
@@ -103,13 +116,14 @@ class PretrainDataset(Dataset):
     ) -> None:
         data_cfg = recipe.get("data", {})
         enc = recipe["encoder"]
-        self.rows = select_rows(manifest, data_cfg)
+        self.rows = manifest_rows(manifest, data_cfg)
         size = enc["img_size"]
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.crop_scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
         self.seed = int(seed)
         self.masker = masker
-        self.extras = list(extras) + recipe_extras(data_cfg, recipe.get("heads"))
+        self.extras = list(extras) + recipe_extras(recipe)
+        self.accum_steps, self.total_steps = 1, 0  # the engine sets them once the run's length is known
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -128,8 +142,11 @@ class PretrainDataset(Dataset):
             ) from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
+    def context(self, epoch: int, batch: int) -> MaskContext:
+        return MaskContext(step=batch // self.accum_steps, epoch=epoch, total_steps=self.total_steps)
+
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        epoch, index, batch = key if len(key) == 3 else (*key, 0)
         row = self.rows.iloc[index]
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         img = self.load_image(row)  # [3, h, w]
@@ -142,7 +159,7 @@ class PretrainDataset(Dataset):
             "image_id": str(row["image_id"]),
         }
         if self.masker is not None and not getattr(self.masker, "in_step", False):
-            sample["plan"] = self.masker(g)
+            sample["plan"] = self.masker(g, self.context(epoch, batch))
         for extra in self.extras:
             extra(sample, row, view, g)
         return sample
@@ -164,8 +181,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Endless batches of ``(epoch, index)``: per epoch a permutation seeded by ``(seed, epoch)``,
+class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Endless batches of ``(epoch, index, batch)`` (``batch``: the micro-batch's number in the run on
+    this rank, ``epoch * batches_per_epoch + batch in epoch``): per epoch a permutation seeded by
+    ``(seed, epoch)``,
     sharded like ``DistributedSampler`` (pad by wrapping to a multiple of ``world``, take every
     ``world``-th from ``rank``), cut into full batches (the tail is dropped).
 
@@ -200,12 +219,13 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         perm = (perm * (total // self.n + 1))[:total]
         return perm[self.rank : total : self.world]
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch, skip = self.start
         while True:
             idx = self.epoch_indices(epoch)
             for b in range(skip, self.batches_per_epoch):
-                yield [(epoch, i) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
+                number = epoch * self.batches_per_epoch + b
+                yield [(epoch, i, number) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
             epoch, skip = epoch + 1, 0
 
     def __len__(self) -> int:  # endless; DataLoader only needs this for len(loader)

@@ -85,3 +85,7 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0

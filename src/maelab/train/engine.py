@@ -2,11 +2,13 @@
 
 A variant is a recipe: the masker and the heads differ, the loop does not. Per optimiser step:
 set the lr (warm-up + cosine), run ``accum_steps`` micro-batches (DDP syncs only on the last),
-check the loss is finite, clip, step, log; checkpoint every ``ckpt_every`` steps and at the end.
+check the loss is finite, take the optimiser step (``optim.optimizer_step``), log; save the
+training state every ``ckpt_every`` steps and at the end.
 
 Exact resume: the checkpoint holds model, optimiser, scaler, the step, every rank's RNG states
-and the data position (epoch, batch in epoch); samples are drawn from per-sample seeds (see
-``train/data.py``), so a resumed fp32 run on CPU is bit-identical to an uninterrupted one.
+and the data position (see ``checkpoint.TrainingState``); samples are drawn from per-sample seeds
+(see ``train/data.py``), so a resumed fp32 run on CPU is bit-identical to an uninterrupted one.
+Pictures are drawn by the caller's ``pictures`` function (e.g. ``maelab.analysis.viz.training_pictures``).
 """
 
 from __future__ import annotations
@@ -15,402 +17,145 @@ import contextlib
 import json
 import logging
 import math
-import os
-import resource
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from maelab.config import project_root
-from maelab.masking.plan import MaskPlan
-from maelab.pools import held_lock
+from maelab.files import atomic_write_text, save_safetensors
+from maelab.masking import MaskContext
+from maelab.models import build_pretrainer
 from maelab.schema import check_recipe
 from maelab.train import distributed as D
-from maelab.train.checkpoint import (
-    load_checkpoint,
-    remove_stale_temps,
-    rng_state,
-    save_checkpoint,
-    save_safetensors,
-    set_rng_state,
+from maelab.train.checkpoint import TrainingState, save_training_state
+from maelab.train.data import SampleExtra, build_loader
+from maelab.train.optim import optimizer_step
+from maelab.train.precision import autocast
+from maelab.train.result import TrainResult, peak_memory_mb
+from maelab.train.run import (
+    CHECKPOINT,
+    Run,
+    out_dir_for,
+    output_lock,
+    progress_bar,
+    resume_state,
+    setup_run,
+    to_device,
 )
-from maelab.train.data import PretrainDataset, SampleExtra, build_loader, read_manifest
-from maelab.train.optim import build_optimizer
-from maelab.train.precision import autocast, grad_scaler, resolve_precision
-from maelab.train.schedule import CosineSchedule, base_lr, resolve_steps
-from maelab.train.tracking import Tracker, mlflow_settings
+from maelab.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.safetensors"
 RESULT = "result.json"
-AVERAGE_OVER = 20  # first/last loss in reports: mean of this many steps
+__all__ = ["CHECKPOINT", "ENCODER", "RESULT", "NonFiniteLossError", "TrainResult", "out_dir_for", "train"]
+
+# (model, batch, outputs) -> {name: PNG bytes}: logged every ``image_every`` steps and at the end
+Pictures = Callable[[nn.Module, dict[str, Any], Any], dict[str, bytes]]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became nan/inf; the last good checkpoint on disk is left untouched."""
 
 
-@dataclass
-class TrainResult:
-    recipe: str
-    steps: int
-    history: dict[str, list[float]]  # "loss", "lr", "loss/<head>" per optimiser step since step 0
-    images_per_s: float
-    wall_s: float
-    peak_mem_mb: float
-    out_dir: str
-    checkpoint_path: str
-    encoder_path: str | None = None
-    mlflow_run_id: str | None = None
-    start_step: int = 0
-    precision: str = "fp32"
-    world_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def report(self) -> dict[str, Any]:
-        """Summary for ``data/08_reporting/pretrain_<recipe>.json``: first/last loss are 20-step means."""
-
-        def first_last(xs: list[float]) -> dict[str, float | None]:
-            if not xs:
-                return {"first_loss": None, "last_loss": None}
-            k = min(AVERAGE_OVER, len(xs))
-            return {"first_loss": sum(xs[:k]) / k, "last_loss": sum(xs[-k:]) / k}
-
-        heads = {k.split("/", 1)[1]: first_last(v) for k, v in self.history.items() if k.startswith("loss/")}
-        return {
-            "recipe": self.recipe,
-            "steps": self.steps,
-            **first_last(self.history.get("loss", [])),
-            "images_per_s": self.images_per_s,
-            "wall_s": self.wall_s,
-            "peak_mem_mb": self.peak_mem_mb,
-            "precision": self.precision,
-            "world_size": self.world_size,
-            "heads": heads,
-            "mlflow_run_id": self.mlflow_run_id,
-            "encoder_path": self.encoder_path,
-            "checkpoint_path": self.checkpoint_path,
-        }
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA ``max_memory_allocated``, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    nb = device.type == "cuda"
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor | MaskPlan):
-            out[k] = v.to(device, non_blocking=nb)
-        else:
-            out[k] = v
-    return out
-
-
-def out_dir_for(recipe: dict[str, Any]) -> Path:
-    base = Path(recipe["train"].get("out_dir") or "data/06_models/pretrain")
-    base = base if base.is_absolute() else project_root() / base
-    return base / recipe.get("name", "recipe")
-
-
-def default_builders() -> tuple[Callable, Callable]:
-    from maelab.masking import build_masker
-    from maelab.models import build_pretrainer
-
-    return build_pretrainer, build_masker
-
-
-def train(recipe: dict[str, Any], manifest: pd.DataFrame | None = None, **kw: Any) -> TrainResult:
-    """Train ``recipe``: checks it, then holds the output directory's lock for the whole run (two trainings
-    never write one folder) and removes the temp files killed runs left there. See :func:`_train`."""
-    check_recipe(recipe, components=kw.get("build_model") is None and kw.get("build_masker") is None)
-    out = Path(kw["out_dir"]) if kw.get("out_dir") else out_dir_for(recipe)
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the lock for all
-        return _train(recipe, manifest, **kw)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with held_lock(out / ".lock"):
-            for f in remove_stale_temps(out):
-                log.info("removed %s, left by a killed run", f)
-            return _train(recipe, manifest, **kw)
-    except BlockingIOError:
-        raise RuntimeError(
-            f"{out}: another training writes to this output directory (lock {out / '.lock'})"
-        ) from None
-
-
-def _train(
+def train(
     recipe: dict[str, Any],
     manifest: pd.DataFrame | None = None,
     *,
     resume: bool | None = None,
     out_dir: str | Path | None = None,
     mlflow: dict[str, Any] | None = None,
-    env: str | None = None,
     stop_after: int | None = None,
     progress: bool | None = None,
-    build_model: Callable[[dict], nn.Module] | None = None,
-    build_masker: Callable[..., Any] | None = None,
+    build_model: Callable[[dict], nn.Module] = build_pretrainer,
     extras: Sequence[SampleExtra] = (),
+    pictures: Pictures | None = None,
 ) -> TrainResult:
     """Train ``recipe`` (a resolved recipe dict, see ``maelab.config.resolve_recipe``).
 
     manifest: the image manifest (default: read ``data.manifest``); resume: continue from
-    ``out_dir/checkpoint.pt`` (default ``train.resume``); mlflow: tracking settings (default
-    ``conf/<env>/mlflow.yml``; ``{"enabled": False}`` turns tracking off); stop_after: stop (with a
-    checkpoint) once this global step is done, keeping the schedule of the full run (pre-emption,
-    tests). build_model/build_masker default to ``maelab.models.build_pretrainer`` and
-    ``maelab.masking.build_masker``; extras: sample extras for the dataset (see ``train/data.py``).
+    ``out_dir/checkpoint.pt`` (default ``train.resume``); mlflow: tracking settings, e.g.
+    ``maelab.config.mlflow_settings(env)`` (None or ``{"enabled": False}``: no tracking);
+    stop_after: stop (with a checkpoint) once this global step is done, keeping the schedule of the
+    full run (pre-emption, tests); build_model: recipe -> model (``maelab.models.build_pretrainer``),
+    whose ``masker`` is the run's one masker (in the DataLoader workers or in the step); extras:
+    sample extras for the dataset; pictures: what to draw for the tracker (none by default).
+
+    The recipe is checked first (a misspelt key fails naming it; encoder, masker and heads only with the
+    default ``build_model``); the output directory's lock is held for the whole run (two trainings never
+    write one folder) and the temp files killed runs left there are removed before anything is written.
     """
-    t_start = time.perf_counter()
-    name = recipe.get("name", "recipe")
-    tcfg, dcfg, enc = recipe["train"], recipe.get("data", {}), recipe["encoder"]
-    if build_model is None or build_masker is None:
-        default_model, default_masker = default_builders()
-        build_model, build_masker = build_model or default_model, build_masker or default_masker
-    resume = bool(tcfg.get("resume", False)) if resume is None else resume
-    seed = int(tcfg.get("seed", 0))
-    batch_size, accum = int(tcfg["batch_size"]), int(tcfg.get("accum_steps", 1))
-
-    dist = D.setup(tcfg.get("device"))
-    device = dist.device
-    precision = resolve_precision(tcfg.get("precision", "auto"), device)
+    check_recipe(recipe, components=build_model is build_pretrainer)
     out = Path(out_dir) if out_dir else out_dir_for(recipe)
-    ckpt_path = out / CHECKPOINT
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    # --- data: masks drawn in the workers, one generator per (seed, epoch, index)
-    if manifest is None:
-        path = Path(dcfg.get("manifest", "data/02_intermediate/manifest.parquet"))
-        manifest = read_manifest(path if path.is_absolute() else project_root() / path)
-    size = enc["img_size"]
-    img_hw = (size, size) if isinstance(size, int) else tuple(size)
-    grid = (img_hw[0] // enc["patch_size"], img_hw[1] // enc["patch_size"])
-    masker = build_masker(recipe["masker"], grid=grid)
-    dataset = PretrainDataset(manifest, recipe, seed=seed, masker=masker, extras=extras)
-
-    # --- model, optimiser, schedule
-    torch.manual_seed(seed)
-    raw = build_model(recipe).to(device)
-    model: nn.Module = raw
-    ddp: DDP | None = None
-    if dist.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        unused = bool(tcfg.get("find_unused_parameters", False))
-        model = ddp = DDP(raw, device_ids=ids, find_unused_parameters=unused)
-    if tcfg.get("compile"):
-        model = torch.compile(model)
-    lr = base_lr(tcfg, dist.world_size)
-    optimizer = build_optimizer(raw, lr, tcfg)
-    scaler = grad_scaler(precision, device)
-    per_rank = -(-len(dataset) // dist.world_size)
-    batches_per_epoch = per_rank // batch_size
-    total, warmup = resolve_steps(tcfg, max(1, batches_per_epoch // accum))
-    schedule = CosineSchedule(lr, total, warmup, float(tcfg.get("min_lr", 0.0)))
-
-    # --- resume
-    start_step, consumed, run_id = 0, 0, None
-    history: dict[str, list[float]] = {"loss": [], "lr": []}
-    state = None
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, required=("model", "optimizer", "step", "data", "history", "rng"))
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_step, consumed = int(state["step"]), int(state["data"]["consumed"])
-        history, run_id = state["history"], state.get("mlflow_run_id")
-        if state.get("world_size") != dist.world_size or state.get("batch_size") != batch_size:
-            log.warning(
-                "%s: saved with world_size=%s batch_size=%s, resuming with %s/%s: data order is not exact",
-                ckpt_path,
-                state.get("world_size"),
-                state.get("batch_size"),
-                dist.world_size,
-                batch_size,
-            )
-        saved = state.get("schedule")
-        now = {"total": total, "warmup": warmup, "lr": lr, "min_lr": schedule.min_lr}
-        if saved is not None and saved != now:
-            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
-            log.warning(
-                "%s: resuming with a different schedule (%s; train.steps / blr / lr / warm-up changed): the "
-                "run continues on the new schedule and no longer reproduces the original one",
-                ckpt_path,
-                changed,
-            )
-        log.info("resumed %s at step %d (epoch %d)", ckpt_path, start_step, consumed // batches_per_epoch)
-    elif resume:
-        log.warning("%s: no checkpoint, starting from scratch", ckpt_path)
-    start = (consumed // batches_per_epoch, consumed % batches_per_epoch)
-    loader, _ = build_loader(
-        dataset,
-        batch_size,
-        seed,
-        dist.rank,
-        dist.world_size,
-        start=start,
-        num_workers=int(dcfg.get("num_workers", 0)),
-        pin_memory=device.type == "cuda",
-    )
-    batches = iter(loader)
-    if state is not None:  # after building everything that might draw random numbers
-        rngs = state["rng"]
-        set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
-
-    settings = (mlflow if mlflow is not None else mlflow_settings(env)) if dist.is_main else None
-    tracker = Tracker(settings, enabled=dist.is_main)
-    run_id = tracker.start(name, recipe, run_id=run_id)
-    if dist.is_main:
-        log.info(
-            "train %s: %d steps (warm-up %d), lr %.3g, batch %dx%dx%d, %s on %s, %d images",
-            name,
-            total,
-            warmup,
-            lr,
-            batch_size,
-            accum,
-            dist.world_size,
-            precision,
-            device,
-            len(dataset),
+    with output_lock(out):
+        return _train(
+            recipe, manifest, resume, out, mlflow, stop_after, progress, build_model, extras, pictures
         )
 
-    def save(step_done: int) -> None:
-        rngs = D.all_gather_object(rng_state())  # every rank's RNG, for an exact resume under DDP
-        if dist.is_main:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": raw.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "step": step_done,
-                    "total_steps": total,
-                    "schedule": {"total": total, "warmup": warmup, "lr": lr, "min_lr": schedule.min_lr},
-                    "data": {
-                        "epoch": consumed // batches_per_epoch,
-                        "batch": consumed % batches_per_epoch,
-                        "consumed": consumed,
-                    },
-                    "rng": rngs,
-                    "history": history,
-                    "mlflow_run_id": run_id,
-                    "world_size": dist.world_size,
-                    "batch_size": batch_size,
-                    "recipe": name,
-                },
-            )
-        D.barrier()
 
-    def log_grid(batch: dict[str, Any], outputs: Any, step_done: int) -> None:
-        """Every head's picture (pixel reconstruction grid, region maps, ...) to the tracker."""
-        if not (dist.is_main and tracker.enabled and hasattr(raw, "pictures")):
-            return
-        from maelab.analysis.viz import png_bytes
-
-        with torch.no_grad(), autocast(precision, device):
-            pictures = raw.pictures(batch, outputs)
-        for name, array in pictures.items():
-            tracker.log_png(png_bytes(array), f"{name}_step_{step_done:07d}.png")
-
-    log_every = int(tcfg.get("log_every", 10))
-    ckpt_every = int(tcfg.get("ckpt_every") or 0)
-    image_every = int(tcfg.get("image_every") or 0)
-    clip = tcfg.get("clip_grad")
+def _train(
+    recipe: dict[str, Any],
+    manifest: pd.DataFrame | None,
+    resume: bool | None,
+    out_dir: Path,
+    mlflow: dict[str, Any] | None,
+    stop_after: int | None,
+    progress: bool | None,
+    build_model: Callable[[dict], nn.Module],
+    extras: Sequence[SampleExtra],
+    pictures: Pictures | None,
+) -> TrainResult:
+    """The loop of :func:`train` (its arguments, checked and locked)."""
+    t_start, tcfg = time.perf_counter(), recipe["train"]
+    run = setup_run(recipe, manifest, out_dir, build_model, extras)
+    resume = bool(tcfg.get("resume", False)) if resume is None else resume
+    state = resume_state(run, resume)
+    bpe = run.batches_per_epoch
+    loader, _ = build_loader(
+        run.dataset,
+        run.batch_size,
+        int(tcfg.get("seed", 0)),
+        run.dist.rank,
+        run.dist.world_size,
+        start=(state.consumed // bpe, state.consumed % bpe),
+        num_workers=int(recipe.get("data", {}).get("num_workers", 0)),
+        pin_memory=run.device.type == "cuda",
+    )
+    batches = iter(loader)
+    state.restore_rng(run.dist.rank)  # after building everything that might draw random numbers
+    tracker = Tracker(mlflow if run.dist.is_main else None, enabled=run.dist.is_main and mlflow is not None)
+    state.run_id = tracker.start(run.name, recipe, run_id=state.run_id)
+    log_every, ckpt_every = int(tcfg.get("log_every", 10)), int(tcfg.get("ckpt_every") or 0)
+    image_every, total = int(tcfg.get("image_every") or 0), run.schedule.total_steps
     end = total if stop_after is None else min(total, int(stop_after))
-    images_per_step = batch_size * accum * dist.world_size
-    show = progress if progress is not None else sys.stderr.isatty()
-    bar = None
-    if dist.is_main and show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start_step, desc=name, dynamic_ncols=True)
-    step_times: list[float] = []
-    status = "FAILED"
-    batch, outputs = None, None
-    model.train()
+    images_per_step = run.batch_size * run.accum * run.dist.world_size
+    bar = progress_bar(run, progress, state.step)
+    start_step, step_times, batch, outputs, status = state.step, [], None, None, "FAILED"
+    run.model.train()
     try:
         for step in range(start_step, end):
             t0 = time.perf_counter()
-            lr_now = schedule(step)
-            for group in optimizer.param_groups:
+            lr_now = run.schedule(step)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr_now
-            loss_sum = torch.zeros((), device=device)
-            head_sums: dict[str, torch.Tensor] = {}
-            for micro in range(accum):
-                batch = to_device(next(batches), device)
-                consumed += 1
-                sync = micro == accum - 1
-                ctx = ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext()
-                with ctx:
-                    with autocast(precision, device):
-                        outputs = model(batch)
-                    loss = outputs.loss.float() / accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += outputs.loss.detach().float()
-                for head, value in outputs.losses.items():
-                    head_sums[head] = head_sums.get(head, 0) + value.detach().float()
-            # one small all-reduce per step: logged values are global means, and every rank
-            # sees a non-finite loss together (no rank steps while another raises)
-            heads = sorted(head_sums)
-            stats = torch.stack([loss_sum, *[head_sums[h] for h in heads]]) / accum
-            stats = D.all_reduce_mean(stats).tolist()
-            if not all(math.isfinite(v) for v in stats):
-                detail = ", ".join(f"{h}={v:.4g}" for h, v in zip(heads, stats[1:], strict=True))
-                raise NonFiniteLossError(
-                    f"loss is {stats[0]} at step {step} (heads: {detail}); "
-                    f"last good checkpoint kept: {ckpt_path if ckpt_path.is_file() else 'none'}"
-                )
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), float(clip))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            step_done = step + 1
-            history["loss"].append(stats[0])
-            history["lr"].append(lr_now)
-            for h, v in zip(heads, stats[1:], strict=True):
-                history.setdefault(f"loss/{h}", []).append(v)
+            stats, batch, outputs = accumulate(run, batches, step, state)
+            check_finite(stats, step, run.checkpoint)
+            optimizer_step(run.optimizer, run.raw.parameters(), run.scaler, tcfg.get("clip_grad"))
+            state.step = step_done = step + 1
+            for key, value in {"loss": stats["loss"], "lr": lr_now, **stats}.items():
+                state.history.setdefault(key, []).append(value)
             step_times.append(time.perf_counter() - t0)
             ips = images_per_step / step_times[-1]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{lr_now:.2e}", ips=f"{ips:.1f}")
-            if dist.is_main and (step_done % log_every == 0 or step_done == end):
-                metrics = {"loss": stats[0], "lr": lr_now, "images_per_s": ips}
-                metrics.update({f"loss/{h}": v for h, v in zip(heads, stats[1:], strict=True)})
-                metrics["peak_mem_mb"] = peak_memory_mb(device)
-                tracker.log_metrics(metrics, step_done)
-                if bar is None:
-                    log.info(
-                        "step %d/%d loss %.4f lr %.3e %.1f img/s", step_done, total, stats[0], lr_now, ips
-                    )
+            log_now = run.dist.is_main and (step_done % log_every == 0 or step_done == end)
+            report_step(run, tracker, bar, log_now, {"lr": lr_now, "images_per_s": ips, **stats}, step_done)
             if image_every and step_done % image_every == 0 and step_done != total:
-                log_grid(batch, outputs, step_done)
+                log_pictures(run, tracker, pictures, batch, outputs, step_done)
             if (ckpt_every and step_done % ckpt_every == 0) or step_done == end:
-                save(step_done)
+                save_training_state(run.checkpoint, state, run.raw, run.optimizer, run.scaler, run.meta())
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM turned into an exit: killed, not failed
         status = "KILLED"
@@ -420,52 +165,113 @@ def _train(
             bar.close()
         if status != "FINISHED":
             tracker.end(status)
-
-    # --- end of run: encoder export, final picture, result
-    done = end
     encoder_path = None
-    if done == total and dist.is_main:
-        encoder = getattr(raw, "encoder", raw)
-        encoder_path = str(
-            save_safetensors(
-                out / ENCODER,
-                encoder.state_dict(),
-                {"recipe": name, "steps": str(done), "encoder_config": json.dumps(recipe["encoder"])},
-            )
-        )
+    if end == total and run.dist.is_main:
+        encoder_path = export_encoder(run, end)
         tracker.log_artifact(encoder_path, "encoder")
         if batch is not None:
-            log_grid(batch, outputs, done)
+            log_pictures(run, tracker, pictures, batch, outputs, end)
     timed = step_times[2:] if len(step_times) > 4 else step_times
     result = TrainResult(
-        recipe=name,
-        steps=done,
-        history=history,
+        recipe=run.name,
+        steps=end,
+        history=state.history,
         images_per_s=images_per_step * len(timed) / sum(timed) if timed else 0.0,
         wall_s=time.perf_counter() - t_start,
-        peak_mem_mb=peak_memory_mb(device),
-        out_dir=str(out),
-        checkpoint_path=str(ckpt_path),
+        peak_mem_mb=peak_memory_mb(run.device),
+        out_dir=str(run.out),
+        checkpoint_path=str(run.checkpoint),
         encoder_path=encoder_path,
-        mlflow_run_id=run_id,
+        mlflow_run_id=state.run_id,
         start_step=start_step,
-        precision=precision,
-        world_size=dist.world_size,
+        precision=run.precision,
+        world_size=run.dist.world_size,
     )
-    if dist.is_main:
-        tracker.log_metrics({"wall_s": result.wall_s}, done)
-        if done == total:
-            write_json(out / RESULT, result.report())
-        tracker.end("FINISHED" if done == total else "KILLED")
+    if run.dist.is_main:
+        tracker.log_metrics({"wall_s": result.wall_s}, end)
+        if end == total:
+            write_json(run.out / RESULT, result.report())
+        tracker.end("FINISHED" if end == total else "KILLED")
     D.barrier()
     return result
 
 
+def accumulate(
+    run: Run, batches: Iterator[dict[str, Any]], step: int, state: TrainingState
+) -> tuple[dict[str, float], dict[str, Any], Any]:
+    """Forward and backward of ``accum`` micro-batches (DDP syncs on the last one only); returns the
+    global mean losses ``{"loss", "loss/<head>"}``, the last micro-batch and its outputs."""
+    loss_sum, head_sums = torch.zeros((), device=run.device), {}
+    for micro in range(run.accum):
+        batch = to_device(next(batches), run.device)
+        batch["context"] = MaskContext(
+            step, state.consumed // run.batches_per_epoch, run.schedule.total_steps
+        )
+        state.consumed += 1
+        sync = micro == run.accum - 1
+        with run.ddp.no_sync() if (run.ddp is not None and not sync) else contextlib.nullcontext():
+            with autocast(run.precision, run.device):
+                outputs = run.model(batch)
+            loss = outputs.loss.float() / run.accum
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        loss_sum += outputs.loss.detach().float()
+        for head, value in outputs.losses.items():
+            head_sums[head] = head_sums.get(head, 0) + value.detach().float()
+    # one small all-reduce per step: logged values are global means, and every rank
+    # sees a non-finite loss together (no rank steps while another raises)
+    heads = sorted(head_sums)
+    stats = D.all_reduce_mean(torch.stack([loss_sum, *[head_sums[h] for h in heads]]) / run.accum).tolist()
+    return (
+        {"loss": stats[0], **{f"loss/{h}": v for h, v in zip(heads, stats[1:], strict=True)}},
+        batch,
+        outputs,
+    )
+
+
+def report_step(
+    run: Run, tracker: Tracker, bar: Any, log_now: bool, metrics: dict[str, float], step_done: int
+) -> None:
+    """The progress bar every step; with ``log_now``, the metrics (and peak memory) to the tracker, and
+    to the log when there is no bar."""
+    loss, lr, ips = metrics["loss"], metrics["lr"], metrics["images_per_s"]
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}")
+    if not log_now:
+        return
+    tracker.log_metrics({**metrics, "peak_mem_mb": peak_memory_mb(run.device)}, step_done)
+    if bar is None:
+        total = run.schedule.total_steps
+        log.info("step %d/%d loss %.4f lr %.3e %.1f img/s", step_done, total, loss, lr, ips)
+
+
+def check_finite(stats: dict[str, float], step: int, checkpoint: Path) -> None:
+    if all(math.isfinite(v) for v in stats.values()):
+        return
+    detail = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in stats.items() if k != "loss")
+    raise NonFiniteLossError(
+        f"loss is {stats['loss']} at step {step} (heads: {detail}); "
+        f"last good checkpoint kept: {checkpoint if checkpoint.is_file() else 'none'}"
+    )
+
+
+def log_pictures(
+    run: Run, tracker: Tracker, pictures: Pictures | None, batch: Any, outputs: Any, step_done: int
+) -> None:
+    """The caller's pictures of this step (reconstruction grid, region maps, ...) to the tracker."""
+    if pictures is None or not (run.dist.is_main and tracker.enabled):
+        return
+    with torch.no_grad(), autocast(run.precision, run.device):
+        pngs = pictures(run.raw, batch, outputs)
+    for name, png in pngs.items():
+        tracker.log_png(png, f"{name}_step_{step_done:07d}.png")
+
+
+def export_encoder(run: Run, steps: int) -> str:
+    encoder = getattr(run.raw, "encoder", run.raw)
+    meta = {"recipe": run.name, "steps": str(steps), "encoder_config": json.dumps(run.recipe["encoder"])}
+    return str(save_safetensors(run.out / ENCODER, encoder.state_dict(), meta))
+
+
 def write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def result_dict(result: TrainResult) -> dict[str, Any]:
-    return asdict(result)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

@@ -6,6 +6,7 @@ model lists in ``no_weight_decay()`` (position embeddings, cls/mask tokens).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -38,3 +39,23 @@ def build_optimizer(model: nn.Module, lr: float, train_cfg: dict[str, Any]) -> t
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[nn.Parameter],
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float | None = None,
+) -> None:
+    """One optimiser step after backward: unscale (fp16), clip the global grad norm, step, update the
+    scaler, zero the grads. The engine and ``maelab bench train`` both run this."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(params, float(clip_grad))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -1,16 +1,15 @@
 """MLflow tracking for one pre-training run (rank 0 only).
 
-Tracking URI: ``conf/<env>/mlflow.yml`` (``tracking_uri``; ``conf/local`` overrides ``conf/base``),
-overridden by ``$MLFLOW_TRACKING_URI``; relative paths (``sqlite:///mlruns/mlflow.db``) are taken
-from the project root. A failing backend (bad URI, locked db, a server that never answers) warns once and
-training goes on: HTTP calls have a short timeout and bounded retries (:func:`bounded_http`), and a run
-that lost tracking is closed as ``FAILED`` when the server can still be reached.
+The settings (tracking URI, artifact location, experiment) come from the caller, usually
+``maelab.config.mlflow_settings(env)``. A failing backend (bad URI, locked db, a server that never answers)
+warns once and training goes on: HTTP calls have a short timeout and bounded retries
+(:func:`maelab.mlflow_http.bounded_http`), and a run that lost tracking is closed as ``FAILED`` when the
+server can still be reached.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import tempfile
 import time
@@ -19,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from maelab.config import load_config, project_root
+from maelab.mlflow_http import bounded_http
 
 log = logging.getLogger(__name__)
 
@@ -33,56 +32,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def resolve_uri(uri: str, root: Path) -> str:
-    """Make relative sqlite/file locations absolute against ``root``."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        return uri if path.startswith("/") else f"sqlite:///{(root / path).resolve()}"
-    if "://" not in uri:
-        return str((root / uri).resolve())
-    return uri
-
-
-def mlflow_settings(env: str | None = None, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Tracking settings: ``cfg`` (or ``conf/<env>/mlflow.yml``), then ``$MLFLOW_TRACKING_URI``."""
-    root = project_root()
-    if cfg is None:
-        try:
-            cfg = load_config("mlflow", env)
-        except Exception as exc:  # a missing conf folder must not stop training
-            warnings.warn(f"MLflow config for env {env!r} unreadable ({exc}); using defaults", stacklevel=2)
-            cfg = {}
-    cfg = dict(cfg)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.get("tracking_uri") or "sqlite:///mlruns/mlflow.db"
-    artifacts = cfg.get("artifact_location") or "mlruns/artifacts"
-    art_path = Path(artifacts) if "://" not in artifacts else None
-    if art_path is not None and not art_path.is_absolute():
-        art_path = root / art_path
-    return {
-        "tracking_uri": resolve_uri(uri, root),
-        "artifact_location": art_path.resolve().as_uri() if art_path is not None else artifacts,
-        "experiment": cfg.get("experiment", "maelab"),
-        "enabled": bool(cfg.get("enabled", True)),
-    }
-
-
-# MLflow's defaults (120 s read timeout, 7 retries, backoff factor 2) stall a run ~20 min on a dead server.
-# Ours: about 11 s per call at worst (2 attempts x 5 s + 1 s backoff). The environment still wins.
-HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-}
-
-
-def bounded_http() -> None:
-    """Short timeouts and bounded retries for every MLflow REST call of this process (env vars MLflow reads
-    at each request, ``mlflow/environment_variables.py``); values already in the environment are kept."""
-    for key, value in HTTP_LIMITS.items():
-        os.environ.setdefault(key, value)
 
 
 def check_sqlite(path: Path) -> None:

@@ -8,19 +8,16 @@ Layer-wise lr decay follows BEiT (Bao et al. 2021, §2.3 fine-tuning) as used by
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from maelab.files import metadata_encoder_config, read_weights
 from maelab.models.vit import ViTEncoder, build_encoder
-from maelab.train.checkpoint import torch_load_weights
 from maelab.transfer.config import FineTuneLoopConfig
 
 log = logging.getLogger(__name__)
@@ -44,7 +41,7 @@ def resolve_encoder_path(ref: str | Path | None) -> Path | None:
         return None
     ref = str(ref)
     if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        from maelab.registry import resolve_encoder  # lazy: needs mlflow and a tracking store
+        from maelab.orchestration.registry import resolve_encoder  # lazy: needs mlflow and a tracking store
 
         return Path(resolve_encoder(ref))
     path = Path(ref)
@@ -59,24 +56,8 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     ``.safetensors`` is read with safetensors; anything else with ``torch.load(weights_only=True)``
     (a ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is unpacked, as MAE checkpoints have).
     """
-    path = Path(path)
-    meta: dict[str, str] = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        state = load_file(str(path))
-    else:
-        obj = torch_load_weights(path)
-        state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    config = None
-    if "encoder_config" in meta:
-        try:
-            config = json.loads(meta["encoder_config"])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: metadata field encoder_config is not JSON: {err}") from None
-    return state, config, meta
+    state, meta = read_weights(path)
+    return state, metadata_encoder_config(meta, path), meta
 
 
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

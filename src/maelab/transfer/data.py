@@ -19,11 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from maelab.data.cocojson import check_instances
 from maelab.data.decode import load_rgb
-from maelab.data.manifest import image_path, mask_file
-from maelab.data.view import View
+from maelab.data.manifest import image_path, mask_file, select_rows
+from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD, View
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 
@@ -32,7 +30,7 @@ def select(
 ) -> pd.DataFrame:
     """Rows of ``sources`` in ``split``; ``need``: a column that must be non-null (label, mask_path, ann_id);
     ``limit`` keeps the first rows (a CPU budget; manifest order is deterministic)."""
-    rows = manifest[manifest["source"].isin(list(sources)) & (manifest["split"] == split)]
+    rows = select_rows(manifest, sources, [split], allow_empty=True)
     if need is not None:
         rows = rows[rows[need].notna()]
     if rows.empty:

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from maelab.train.checkpoint import save_safetensors
+from maelab.files import atomic_write, save_safetensors
 from maelab.transfer.backbone import (
     ENCODER_FIELDS,
     check_encoder_weights,
@@ -68,14 +67,6 @@ def to_detectron2(state: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def export_encoder(
     encoder: str | Path, fmt: str, out: str | Path, default_config: dict[str, Any] | None = None
 ) -> Path:
@@ -106,7 +97,7 @@ def export_encoder(
         if out.suffix == ".safetensors":
             save_safetensors(out, weights, info)
         else:  # detectron2 reads .pth with torch.load; tensors and strings only (weights_only-safe)
-            _atomic(out, lambda p: torch.save({"model": weights, "__author__": "maelab", **info}, p))
+            atomic_write(out, lambda p: torch.save({"model": weights, "__author__": "maelab", **info}, p))
     else:
         raise ValueError(f"export: --format must be timm or detectron2, got {fmt!r}")
     return out

@@ -15,42 +15,17 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from maelab.models.attention import rel_pos_bias, window_partition, window_unpartition
 from maelab.models.vit import ViTEncoder
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 
 
 # ------------------------------------------------------------------------------ window attention
-def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
-    """[B, H, W, D] -> [B * nW, window, window, D], zero-padding H, W to multiples of ``window`` (ViTDet)."""
-    b, h, w, d = x.shape
-    ph, pw = (window - h % window) % window, (window - w % window) % window
-    x = F.pad(x, (0, 0, 0, pw, 0, ph))
-    hp, wp = h + ph, w + pw
-    x = x.view(b, hp // window, window, wp // window, window, d).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window, window, d), (hp, wp)
-
-
-def window_unpartition(x: Tensor, window: int, padded: tuple[int, int], hw: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`window_partition`: [B * nW, window, window, D] -> [B, H, W, D]."""
-    hp, wp = padded
-    b = x.shape[0] // (hp * wp // window // window)
-    x = x.view(b, hp // window, wp // window, window, window, -1).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, hp, wp, -1)[:, : hw[0], : hw[1]].contiguous()
-
-
+# window_partition / window_unpartition / rel_pos_bias live in maelab.models.attention (LoMaR uses them too)
 def global_block_indices(depth: int, count: int = 4) -> list[int]:
     """``count`` evenly spaced global-attention blocks, the last one included (ViT-B: 2, 5, 8, 11)."""
     return sorted({(i + 1) * depth // count - 1 for i in range(count)})
-
-
-def rel_pos_bias(q: Tensor, rel_h: Tensor, rel_w: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Decomposed relative position bias (MViTv2, used by ViTDet §3): q [B, h, N, d] -> [B, h, N, N]."""
-    from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
-
-    b, heads, n, d = q.shape
-    bias = get_decomposed_rel_pos_bias(q.reshape(b * heads, n, d), rel_h, rel_w, hw, hw)
-    return bias.view(b, heads, n, n)
 
 
 # ------------------------------------------------------------------------------ feature pyramid

@@ -20,6 +20,7 @@ cut back into its four ``p`` patches, so a 2x2 group that is partly visible is s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -28,6 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from maelab.masking.plan import MaskPlan
+from maelab.models.attention import Attention, record_attention
 from maelab.models.heads.base import Head
 from maelab.models.vit import EncoderSpec, init_linear_norm, sincos_2d
 
@@ -102,7 +104,14 @@ class PixelDecoderHead(Head):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("decoder_pos_embed", sincos_2d(embed_dim, spec.grid)[None])  # [1, 1+L, Dd]
         self.decoder_blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                norm_layer=norm_layer,
+                attn_layer=Attention,
+            )
             for _ in range(depth)
         )
         self.decoder_norm = norm_layer(embed_dim)
@@ -161,6 +170,16 @@ class PixelDecoderHead(Head):
             return x
         img = unpatchify(x, self.out_patch, self.out_grid, self.spec.in_chans)  # [B, C, H, W]
         return patchify(img, self.spec.patch_size)
+
+    def decode_attention(
+        self, latent: Tensor, plan: MaskPlan, indices: Sequence[int] = (-1,)
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """``decode`` plus the attention probabilities ``{i: [B, heads, 1+L, 1+L]}`` of decoder blocks
+        ``indices`` (self-guided MAE §3.4 reads the decoder's attention to mask tokens); the other
+        blocks stay fused."""
+        with record_attention(self.decoder_blocks, indices) as maps:
+            pred = self.decode(latent, plan)
+        return pred, dict(sorted(maps.items()))
 
     def target(self, image: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, L, p*p*C] regression target (per-patch normalised if norm_pix_loss); with

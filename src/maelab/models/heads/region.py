@@ -350,14 +350,6 @@ class RegionHead(Head):
             loss = region_loss(logits, target, rplan.mask)
         return loss, logits
 
-    @torch.no_grad()
-    def picture(self, batch: dict[str, Any], logits: Tensor, plan: MaskPlan) -> Any:
-        """The region reconstruction grid (``maelab.analysis.viz.region_grid``) for MLflow."""
-        from maelab.analysis.viz import region_grid
-
-        rplan = region_plan(plan, self.mask_ratio)
-        return region_grid(batch["image"], batch[self.key], logits, rplan.mask, self.spec.patch_size)
-
 
 def region_loss(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """BCE with logits, mean over the patch's pixels and the k regions, then over masked patches (fp32).

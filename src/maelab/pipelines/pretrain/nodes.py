@@ -25,6 +25,9 @@ def resolve(recipes: dict[str, Any], recipe_defaults: dict[str, Any], *, recipe_
     return resolve_recipe({"recipes": recipes, "recipe_defaults": recipe_defaults}, recipe_name)
 
 
+PICTURES = "maelab.analysis.viz:training_pictures"  # what the engine logs as pictures (train draws none)
+
+
 def launch_torchrun(
     recipe: dict[str, Any], manifest: pd.DataFrame, devices: int, env: str | None
 ) -> dict[str, Any]:
@@ -55,6 +58,8 @@ def launch_torchrun(
         str(manifest_file),
         "--out-dir",
         str(out),
+        "--pictures",
+        PICTURES,
     ]
     if env:
         cmd += ["--env", env]
@@ -100,7 +105,10 @@ def pretrain(
     if devices > 1:
         report = launch_torchrun(recipe, manifest, devices, run_env)
     else:
-        report = train(recipe, manifest, env=run_env).report()
+        from maelab.analysis.viz import training_pictures
+        from maelab.config import mlflow_settings
+
+        report = train(recipe, manifest, mlflow=mlflow_settings(run_env), pictures=training_pictures).report()
     log.info(
         "pretrain %s: %d steps, loss %.4f -> %.4f, %.1f img/s, %.0f s",
         recipe["name"],
@@ -119,7 +127,7 @@ def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) ->
     ``champion``). A tracking backend that fails only warns: the trained encoder is on disk either way."""
     if not report.get("mlflow_run_id"):
         return
-    from maelab.registry import register_encoder
+    from maelab.orchestration.registry import register_encoder
 
     try:
         report["registered_version"] = register_encoder(

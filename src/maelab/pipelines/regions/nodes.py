@@ -6,21 +6,12 @@ from typing import Any
 
 import pandas as pd
 
+from maelab.data.manifest import select_rows
 from maelab.regions.build import build_source, shard_rows
 from maelab.regions.sources import make_source
 from maelab.regions.store import RegionStore
 
 REQUIRED = ("image_id", "source", "split", "root", "path", "content_hash", "width", "height")
-
-
-def select_rows(manifest: pd.DataFrame, sources: list[str] | None, splits: list[str] | None) -> pd.DataFrame:
-    """Manifest rows of the given image sources and splits (None = all)."""
-    keep = pd.Series(True, index=manifest.index)
-    if sources is not None:
-        keep &= manifest["source"].isin(list(sources))
-    if splits is not None:
-        keep &= manifest["split"].isin(list(splits))
-    return manifest[keep.to_numpy(dtype=bool)]
 
 
 def check_manifest(manifest: pd.DataFrame) -> None:
@@ -58,7 +49,10 @@ def compute_regions(
             )
         cfg = configured[name] or {}
         rows = select_rows(
-            manifest, cfg.get("sources", images.get("sources")), cfg.get("splits", images.get("splits"))
+            manifest,
+            cfg.get("sources", images.get("sources")),
+            cfg.get("splits", images.get("splits")),
+            allow_empty=True,
         )
         if sharded:
             rows = shard_rows(rows, shard.get("index"), count)

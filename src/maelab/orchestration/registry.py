@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from maelab.config import project_root
+from maelab.files import metadata_encoder_config, read_metadata
 from maelab.orchestration.decision import DECISIONS_FILE, Decision, DecisionRecord, append_decision, decide
+from maelab.paths import project_root
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 ENCODER_ARTIFACT_DIR = "encoder"
@@ -45,26 +45,19 @@ def model_name(recipe: str, arch: str) -> str:
 
 def encoder_config(path: str | Path) -> dict[str, Any]:
     """The ``encoder_config`` JSON stored in an encoder safetensors file's metadata."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "encoder_config" not in meta:
+    meta = read_metadata(path)
+    config = metadata_encoder_config(meta, path)
+    if config is None:
         raise KeyError(f"{path}: safetensors metadata has no 'encoder_config' (has {sorted(meta)})")
-    try:
-        return json.loads(meta["encoder_config"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: metadata field 'encoder_config' is not JSON: {err}") from err
+    return config
 
 
 # --------------------------------------------------------------------------------------------- client
 def tracking_uri(env: str | None = None) -> str:
     """``$MLFLOW_TRACKING_URI``, else ``tracking_uri`` of ``conf/<env>/mlflow.yml``; relative paths are
     resolved against the project root (``sqlite:///mlruns/mlflow.db`` -> ``sqlite:////<root>/mlruns/mlflow.db``)."""
-    from maelab.train.tracking import bounded_http, mlflow_settings  # the engine's reading of mlflow.yml
+    from maelab.config import mlflow_settings  # conf/<env>/mlflow.yml, read as the engine's callers do
+    from maelab.mlflow_http import bounded_http
 
     bounded_http()  # every registry call goes through here: short timeouts, bounded retries
     uri = mlflow_settings(env)["tracking_uri"]

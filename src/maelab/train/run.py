@@ -1,0 +1,200 @@
+"""The parts of one training run, built once: process group and device, the data set drawing with the
+model's own masker, the model (DDP / compile), optimiser, scaler and schedule; and resuming them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from maelab.files import remove_stale_temps
+from maelab.masking import MaskPlan
+from maelab.paths import project_root
+from maelab.pools import held_lock
+from maelab.train import distributed as D
+from maelab.train.checkpoint import TrainingState, load_training_state
+from maelab.train.data import PretrainDataset, SampleExtra, read_manifest
+from maelab.train.optim import build_optimizer
+from maelab.train.precision import grad_scaler, resolve_precision
+from maelab.train.schedule import CosineSchedule, base_lr, resolve_steps
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Run:
+    """What one training run is made of (``setup_run``); ``model`` is ``raw`` wrapped by DDP / compile."""
+
+    name: str
+    recipe: dict[str, Any]
+    dist: D.DistInfo
+    precision: str
+    out: Path
+    raw: nn.Module
+    model: nn.Module
+    ddp: DDP | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    schedule: CosineSchedule
+    dataset: PretrainDataset
+    batch_size: int
+    accum: int
+    batches_per_epoch: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def meta(self) -> dict[str, Any]:
+        s = self.schedule
+        keys = {
+            "total_steps": s.total_steps,
+            "schedule": {"total": s.total_steps, "warmup": s.warmup_steps, "lr": s.lr, "min_lr": s.min_lr},
+            "world_size": self.dist.world_size,
+            "recipe": self.name,
+        }
+        return {**keys, "batches_per_epoch": self.batches_per_epoch, "batch_size": self.batch_size}
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (rank 0, for all ranks under torchrun) and remove the temp files killed runs left
+    in ``out``; a second training on the same folder fails at once instead of interleaving writes."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(held_lock(out / ".lock"))
+        except BlockingIOError:
+            raise RuntimeError(
+                f"{out}: another training writes to this output directory (lock {out / '.lock'})"
+            ) from None
+        for f in remove_stale_temps(out):
+            log.info("removed %s, left by a killed run", f)
+        yield
+
+
+def setup_run(
+    recipe: dict[str, Any],
+    manifest: pd.DataFrame | None,
+    out_dir: str | Path | None,
+    build_model: Callable[[dict], nn.Module],
+    extras: Sequence[SampleExtra],
+) -> Run:
+    """Device and process group, the data set with the model's masker, the model, optimiser and schedule."""
+    tcfg, dcfg = recipe["train"], recipe.get("data", {})
+    seed, batch_size, accum = (
+        int(tcfg.get("seed", 0)),
+        int(tcfg["batch_size"]),
+        int(tcfg.get("accum_steps", 1)),
+    )
+    dist = D.setup(tcfg.get("device"))
+    out = Path(out_dir) if out_dir else out_dir_for(recipe)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        path = Path(dcfg.get("manifest", "data/02_intermediate/manifest.parquet"))
+        manifest = read_manifest(path if path.is_absolute() else project_root() / path)
+    torch.manual_seed(seed)
+    raw = build_model(recipe).to(dist.device)
+    dataset = PretrainDataset(manifest, recipe, seed=seed, masker=getattr(raw, "masker", None), extras=extras)
+    model, ddp = raw, None
+    if dist.enabled:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        unused = bool(tcfg.get("find_unused_parameters", False))
+        model = ddp = DDP(raw, device_ids=ids, find_unused_parameters=unused)
+    if tcfg.get("compile"):
+        model = torch.compile(model)
+    lr = base_lr(tcfg, dist.world_size)
+    optimizer = build_optimizer(raw, lr, tcfg)
+    precision = resolve_precision(tcfg.get("precision", "auto"), dist.device)
+    batches_per_epoch = -(-len(dataset) // dist.world_size) // batch_size
+    total, warmup = resolve_steps(tcfg, max(1, batches_per_epoch // accum))
+    dataset.accum_steps, dataset.total_steps = accum, total
+    schedule = CosineSchedule(lr, total, warmup, float(tcfg.get("min_lr", 0.0)))
+    name = recipe.get("name", "recipe")
+    if dist.is_main:
+        log.info(
+            "train %s: %d steps (warm-up %d), lr %.3g, batch %dx%dx%d, %s on %s, %d images",
+            *(
+                name,
+                total,
+                warmup,
+                lr,
+                batch_size,
+                accum,
+                dist.world_size,
+                precision,
+                dist.device,
+                len(dataset),
+            ),
+        )
+    scaler = grad_scaler(precision, dist.device)
+    return Run(
+        name,
+        recipe,
+        dist,
+        precision,
+        out,
+        raw,
+        model,
+        ddp,
+        optimizer,
+        scaler,
+        schedule,
+        dataset,
+        batch_size,
+        accum,
+        batches_per_epoch,
+    )
+
+
+def resume_state(run: Run, resume: bool) -> TrainingState:
+    if resume and run.checkpoint.is_file():
+        state = load_training_state(run.checkpoint, run.raw, run.optimizer, run.scaler, run.meta())
+        epoch = state.consumed // run.batches_per_epoch
+        log.info("resumed %s at step %d (epoch %d)", run.checkpoint, state.step, epoch)
+        return state
+    if resume:
+        log.warning("%s: no checkpoint, starting from scratch", run.checkpoint)
+    return TrainingState()
+
+
+def progress_bar(run: Run, progress: bool | None, initial: int) -> Any:
+    if not run.dist.is_main or not (progress if progress is not None else sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.schedule.total_steps, initial=initial, desc=run.name, dynamic_ncols=True)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    nb = device.type == "cuda"
+    return {
+        k: v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor | MaskPlan) else v
+        for k, v in batch.items()
+    }
+
+
+def out_dir_for(recipe: dict[str, Any]) -> Path:
+    base = Path(recipe["train"].get("out_dir") or "data/06_models/pretrain")
+    base = base if base.is_absolute() else project_root() / base
+    return base / recipe.get("name", "recipe")
