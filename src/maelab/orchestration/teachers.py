@@ -20,7 +20,13 @@ def resolve_weights(ref: str, env: str | None = None) -> str:
         return str(ref)
     from maelab.orchestration.registry import resolve_encoder
 
-    return str(resolve_encoder(str(ref), env=env))
+    try:
+        return str(resolve_encoder(str(ref), env=env))
+    except LookupError as err:
+        raise LookupError(
+            f"teacher weights {ref}: {err}. Register that encoder first (for conf/base's mrmae recipes: "
+            "`kedro run --pipeline=pretrain_mae`), or set the teacher's weights to a local file"
+        ) from err
 
 
 def teacher_configs(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -3,7 +3,7 @@
 Types: ``clip`` (open_clip, default model ``ViT-B-16``), ``dino`` (timm, default
 ``vit_base_patch16_224.dino``), ``maelab`` (a maelab encoder's safetensors). ``weights`` is
 
-- a local file: loaded;
+- a local file (relative paths from the project root): loaded;
 - ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/...``: an MLflow registry URI, resolved to a
   local file *before* the model is built (``maelab.orchestration.teachers.resolve_teacher_weights``; the
   pretrain node, ``maelab flops`` and ``maelab bench`` do it), so the engine never talks to the registry;
@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from maelab.paths import project_root
 from maelab.teachers.base import Teacher
 from maelab.teachers.clip import ClipTeacher
 from maelab.teachers.dino import DinoTeacher
@@ -52,6 +53,8 @@ def local_weights(weights: Any, where: str = "teacher.weights") -> str | None:
             "(maelab.orchestration.teachers.resolve_teacher_weights; the pretrain node does this)"
         )
     path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = project_root() / path  # recipes name files relative to the project, as data paths
     if path.is_file():
         return str(path)
     if ref.startswith(("http://", "https://", "hf-hub:", "hf_hub:", "timm/")) or (
@@ -62,7 +65,7 @@ def local_weights(weights: Any, where: str = "teacher.weights") -> str | None:
             f"nothing at run time. Download the checkpoint yourself and set {where} to its local file path, "
             "or to a registry URI models:/NAME@ALIAS"
         )
-    raise FileNotFoundError(f"{where} = {ref!r}: no such file")
+    raise FileNotFoundError(f"{where} = {ref!r}: no such file ({path})")
 
 
 def build_teacher(cfg: dict[str, Any], where: str = "teacher") -> Teacher:
