@@ -132,3 +132,11 @@ def test_missing_file_and_unresolved_uri_fail(tmp_path):
         build_teacher({"type": "dino", "weights": str(tmp_path / "nope.pth")})
     with pytest.raises(ValueError, match="registry URI"):
         build_teacher({"type": "maelab", "weights": "models:/x@champion"})
+
+
+def test_clip_explicit_attention_matches_fused(clip_file):
+    path, _ = clip_file
+    teacher = build_teacher({"type": "clip", "weights": str(path), "model_kwargs": CLIP_KW})
+    fused = teacher(images()).features
+    teacher.set_fused_attn(False)
+    torch.testing.assert_close(teacher(images()).features, fused, atol=1e-5, rtol=1e-5)

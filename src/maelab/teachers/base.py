@@ -69,6 +69,9 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - a teacher never trains
         return super().train(False)
 
+    def set_fused_attn(self, enable: bool) -> None:
+        """Fused SDPA (fast) or explicit ``softmax(q k^T) v`` everywhere (FLOP counters see the matmuls)."""
+
     def layer_index(self, layer: int) -> int:
         if not -self.depth <= int(layer) < self.depth:
             raise IndexError(f"teacher attention layer {layer} out of range for depth {self.depth}")

@@ -15,6 +15,7 @@ a hub download, which maelab never makes at run time: it fails at once, naming t
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,20 @@ def local_weights(weights: Any, where: str = "teacher.weights") -> str | None:
             "or to a registry URI models:/NAME@ALIAS"
         )
     raise FileNotFoundError(f"{where} = {ref!r}: no such file ({path})")
+
+
+def with_untrained_teachers(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``recipe`` whose teachers are untrained (``weights: random``) at the same architecture:
+    what FLOP counts and speed benchmarks need (weights change neither). A maelab-encoder teacher named by a
+    registry URI has no architecture in the recipe: it becomes the recipe's own encoder config."""
+    recipe = copy.deepcopy(recipe)
+    for head in (recipe.get("heads") or {}).values():
+        teacher = head.get("teacher") if isinstance(head, dict) else None
+        if isinstance(teacher, dict):
+            if teacher.get("type") == "maelab" and "config" not in teacher:
+                teacher["config"] = dict(recipe["encoder"])
+            teacher["weights"] = RANDOM
+    return recipe
 
 
 def build_teacher(cfg: dict[str, Any], where: str = "teacher") -> Teacher:

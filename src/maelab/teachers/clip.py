@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from maelab.teachers.base import Teacher, TeacherOutput
@@ -47,7 +48,11 @@ class ClipTeacher(Teacher):
         self.embed_dim = int(self.visual.proj.shape[1]) if self.projection else int(width)
         if not self.visual.transformer.batch_first:
             raise ValueError(f"CLIP teacher {model}: expects a batch-first transformer")
+        self.fused_attn = True
         self.freeze()
+
+    def set_fused_attn(self, enable: bool) -> None:
+        self.fused_attn = bool(enable)
 
     def encode(self, x: Tensor, attention_layer: int | None) -> TeacherOutput:
         v = self.visual
@@ -59,8 +64,21 @@ class ClipTeacher(Teacher):
                 y = blk.ln_1(h)
                 _, w = blk.attn(y, y, y, need_weights=True, average_attn_weights=True)  # [B, N, N]
                 cls_attn = w[:, 0, 1:].float()  # [B, L]
-            h = blk(h)
+            h = blk(h) if self.fused_attn else _explicit_block(blk, h)
         tokens = v.ln_post(h[:, 1:])  # [B, L, width]
         if self.projection:
             tokens = tokens @ v.proj  # [B, L, 512]
         return TeacherOutput(tokens.float(), self.grid, cls_attn)
+
+
+def _explicit_block(blk, x: Tensor) -> Tensor:
+    """open_clip's ``ResidualAttentionBlock`` with ``softmax(q k^T / sqrt(d)) v`` written out from the
+    ``nn.MultiheadAttention`` weights (its fused kernels hide the matmuls from FLOP counters)."""
+    attn, (b, n, d) = blk.attn, x.shape
+    h = attn.num_heads
+    q, k, v = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))  # [B, h, N, d/h]
+    probs = ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, h, N, N]
+    y = (probs @ v).transpose(1, 2).reshape(b, n, d)
+    x = x + blk.ls_1(attn.out_proj(y))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))

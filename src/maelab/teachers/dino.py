@@ -44,6 +44,10 @@ class DinoTeacher(Teacher):
         self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
         self.freeze()
 
+    def set_fused_attn(self, enable: bool) -> None:
+        for blk in self.vit.blocks:
+            blk.attn.fused_attn = bool(enable)
+
     def encode(self, x: Tensor, attention_layer: int | None) -> TeacherOutput:
         v, p = self.vit, self.num_prefix_tokens
         take = None if attention_layer is None else self.layer_index(attention_layer)

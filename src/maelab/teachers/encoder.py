@@ -46,6 +46,9 @@ class EncoderTeacher(Teacher):
         self.embed_dim, self.depth = self.encoder.embed_dim, self.encoder.depth
         self.freeze()
 
+    def set_fused_attn(self, enable: bool) -> None:
+        self.encoder.set_fused_attn(enable)
+
     def encode(self, x: Tensor, attention_layer: int | None) -> TeacherOutput:
         if attention_layer is None:
             return TeacherOutput(self.encoder.forward_features(x)[:, 1:].float(), self.grid)

@@ -73,13 +73,15 @@ def mimic_loss(pred: Tensor, target: Tensor, reduction: str = "mean", mask: Tens
 class TeacherMixin:
     """The frozen teacher a head mimics: built from config, kept out of the module tree, run once a step."""
 
-    def init_teacher(self, teacher: dict[str, Any] | nn.Module, where: str) -> None:
+    def init_teacher(self, teacher: dict[str, Any] | nn.Module, where: str, fused_attn: bool = True) -> None:
         if isinstance(teacher, nn.Module):
             built = teacher
         else:
             from maelab.teachers.build import build_teacher  # lazy: teachers import models
 
             built = build_teacher(dict(teacher), where=where)
+        if hasattr(built, "set_fused_attn"):
+            built.set_fused_attn(fused_attn)
         object.__setattr__(self, "_teacher", built)  # not a sub-module: no state dict, no optimiser
         object.__setattr__(self, "_cached", None)
 
@@ -122,6 +124,7 @@ class MimicHead(TeacherMixin, Head):
         target_norm: str = "layernorm",
         reduction: str = "mean",
         name: str = "mimic",
+        fused_attn: bool = True,
     ) -> None:
         super().__init__(spec)
         if target_norm not in TARGET_NORMS:
@@ -129,7 +132,7 @@ class MimicHead(TeacherMixin, Head):
         if reduction not in REDUCTIONS:
             raise ValueError(f"heads.{name}.reduction {reduction!r}: choose one of {REDUCTIONS}")
         self.target_norm, self.reduction = target_norm, reduction
-        self.init_teacher(teacher, f"heads.{name}.teacher")
+        self.init_teacher(teacher, f"heads.{name}.teacher", fused_attn)
         self.proj = nn.Linear(spec.embed_dim, int(self.teacher.embed_dim))  # L in Eq. 2
         self.apply(init_linear_norm)
 
@@ -161,14 +164,15 @@ class DecoderMimicHead(TeacherMixin, PixelDecoderHead):
         pixel_weight: float = 0.5,
         feature_weight: float = 0.5,
         name: str = "decoder_mimic",
+        fused_attn: bool = True,
         **decoder: Any,
     ) -> None:
-        super().__init__(spec, **decoder)
+        super().__init__(spec, fused_attn=fused_attn, **decoder)
         if target_norm not in TARGET_NORMS or reduction not in REDUCTIONS:
             raise ValueError(f"heads.{name}: target_norm in {TARGET_NORMS}, reduction in {REDUCTIONS}")
         self.target_norm, self.reduction = target_norm, reduction
         self.pixel_weight, self.feature_weight = float(pixel_weight), float(feature_weight)
-        self.init_teacher(teacher, f"heads.{name}.teacher")
+        self.init_teacher(teacher, f"heads.{name}.teacher", fused_attn)
         width = self.decoder_pred.in_features
         self.decoder_feat_pred = nn.Linear(width, int(self.teacher.embed_dim))
         init_linear_norm(self.decoder_feat_pred)
