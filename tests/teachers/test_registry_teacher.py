@@ -54,3 +54,20 @@ def test_registry_teacher_resolves_alias(tmp_path, monkeypatch):
     teacher = build_teacher(resolved["heads"]["mimic"]["teacher"])
     torch.testing.assert_close(teacher.encoder.patch_embed.proj.weight, enc.patch_embed.proj.weight)
     assert teacher(torch.randn(1, 3, 32, 32)).features.shape == (1, 16, 64)
+
+
+def test_unregistered_teacher_says_what_to_run(tmp_path, monkeypatch):
+    import pytest
+
+    from maelab.orchestration.teachers import resolve_weights
+
+    root = tmp_path / "proj"
+    (root / "mlruns").mkdir(parents=True)
+    (root / "conf" / "base").mkdir(parents=True)
+    (root / "conf" / "local").mkdir()
+    shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
+    monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
+    with pytest.raises(LookupError, match="kedro run --pipeline=pretrain_mae"):
+        resolve_weights("models:/maelab-mae-vit-t8-64-d6@champion")
+    assert resolve_weights("some/local/file.pt") == "some/local/file.pt"
