@@ -182,3 +182,11 @@ def test_decoder_mimic_head_scores_features_on_masked_tokens():
     assert torch.equal(head(lat, plan, {"image": image}, {})[0], base)
     teacher.feats[0, int(plan.mask[0].nonzero()[0])] += torch.arange(C).float()  # a masked token: is
     assert not torch.equal(head(lat, plan, {"image": image}, {})[0], base)
+
+
+def test_teacher_runs_each_step_without_a_masker_and_keeps_nothing():
+    teacher = FakeTeacher()
+    head = MimicHead(build_encoder(ENC).spec, teacher)
+    for _ in range(2):
+        head(latent(), plan_for(), {"image": torch.randn(2, 3, 32, 32)}, {})
+    assert teacher.calls == 2 and head._cached is None

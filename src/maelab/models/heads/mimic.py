@@ -94,20 +94,24 @@ class TeacherMixin:
     ) -> tuple[Tensor, Tensor | None]:
         """The teacher's features ``[B, L, C]`` (and CLS attention ``[B, L]`` when ``attention_layer`` is
         given) on the student's grid, for the full image; the features are kept for this step's forward."""
-        t = self._teacher
-        if next(t.parameters()).device != image.device:
-            t.to(image.device)
-        feats, attn = t.dense(image, self.spec.grid, attention_layer)
+        feats, attn = self.run_teacher(image, attention_layer)
         object.__setattr__(self, "_cached", (image, feats))
         return feats, attn
 
+    def run_teacher(self, image: Tensor, attention_layer: int | None = None) -> tuple[Tensor, Tensor | None]:
+        t = self._teacher
+        if next(t.parameters()).device != image.device:
+            t.to(image.device)
+        return t.dense(image, self.spec.grid, attention_layer)
+
     def teacher_features(self, image: Tensor) -> Tensor:
-        """[B, L, C]: this step's teacher features (computed now unless the masker already ran it)."""
+        """[B, L, C]: this step's teacher features (computed now unless the masker already ran the teacher
+        on this very image tensor); the kept features are released either way."""
         cached = self._cached
         object.__setattr__(self, "_cached", None)
         if cached is not None and cached[0] is image:
             return cached[1]
-        return self.teacher_dense(image)[0]
+        return self.run_teacher(image)[0]
 
     def teacher_saliency(self, image: Tensor, layer: int) -> Tensor:
         """[B, L] the teacher's CLS attention of block ``layer`` on the student's grid (§3.3)."""
