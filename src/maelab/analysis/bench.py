@@ -177,8 +177,9 @@ def bench_train(
 
 def train_cli(args: argparse.Namespace) -> int:
     from maelab.config import load_recipe
+    from maelab.teachers.build import with_untrained_teachers
 
-    recipe = load_recipe(args.recipe, args.env)
+    recipe = with_untrained_teachers(load_recipe(args.recipe, args.env))  # speed does not depend on weights
     precisions = [p.strip() for p in (args.precision or recipe["train"].get("precision", "auto")).split(",")]
     out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
     if args.json:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from maelab.masking.plan import MaskPlan
 from maelab.models.pretrainer import Pretrainer, build_pretrainer
+from maelab.teachers.build import with_untrained_teachers
 
 
 class _TraceableStep(nn.Module):
@@ -94,7 +95,7 @@ def cli(args: argparse.Namespace) -> int:
     """``maelab flops --recipe NAME [--env ENV] [--json]``."""
     from maelab.config import load_recipe
 
-    recipe = load_recipe(args.recipe, args.env)
+    recipe = with_untrained_teachers(load_recipe(args.recipe, args.env))  # FLOPs do not depend on weights
     analysis, model = _analysis(recipe, 0)  # one trace for the total and the parts
     gmacs = analysis.total() / 1e9
     parts = _split(analysis, model) if getattr(args, "parts", False) else None

@@ -33,6 +33,12 @@ class Pretrainer(nn.Module):
     ``forward(batch)``: batch = dict(image=[B, C, H, W], plan=MaskPlan [B, L], ...extras). Without a plan,
     the recipe's in-step masker makes one from ``batch["context"]`` (a ``MaskContext``) and this model.
 
+    Multi-layer fusion (MR-MAE §3.3), ``fusion_layers``: the visible tokens of the chosen encoder blocks are
+    summed element-wise and the sum, after the encoder's final norm, replaces the last layer's output as the
+    ``latent`` every head reads (the mimic head and the pixel decoder alike): ``norm(sum_i x_i)``, ``x_i`` the
+    output of block ``i`` (the last block's before its norm, as for any other block). Our choice where the
+    paper is silent: one shared norm after the sum, so the decoder sees tokens on the scale it sees in MAE.
+
     Heads run in ascending ``priority`` (a head attribute, default 0; ties keep recipe order) and see a
     fresh per-step dict ``batch["shared"]`` through which a head may hand tensors to the heads after it
     (e.g. R-MAE's region-to-pixel feeding, ``priority = -1``).
@@ -44,6 +50,7 @@ class Pretrainer(nn.Module):
         heads: dict[str, Head],
         weights: dict[str, float] | None = None,
         masker: Masker | None = None,
+        fusion_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         if not heads:
@@ -52,8 +59,9 @@ class Pretrainer(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in heads}
         self.masker = masker
-        layers = sorted({encoder.block_indices([i])[0] for h in heads.values() for i in h.layers})
-        self.layers: list[int] = layers
+        self.fusion_layers: list[int] = encoder.block_indices(list(fusion_layers)) if fusion_layers else []
+        wanted = [i for h in heads.values() for i in h.layers] + self.fusion_layers
+        self.layers: list[int] = sorted({encoder.block_indices([i])[0] for i in wanted})
 
     def no_weight_decay(self) -> set[str]:
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -74,6 +82,8 @@ class Pretrainer(nn.Module):
         if self.layers:
             latent, feats = self.encoder.forward_intermediates(image, plan, self.layers)
             intermediates = dict(zip(self.layers, feats, strict=True))
+            if self.fusion_layers:
+                latent = self.fuse(intermediates)
         else:
             latent, intermediates = self.encoder.forward_features(image, plan), {}
         losses, outputs = {}, {}
@@ -83,6 +93,10 @@ class Pretrainer(nn.Module):
         losses = {n: losses[n] for n in self.heads}  # recipe order
         total = sum(self.weights[n] * losses[n].float() for n in losses)
         return PretrainOutput(total, losses, outputs, plan)
+
+    def fuse(self, intermediates: dict[int, Tensor]) -> Tensor:
+        """MR-MAE §3.3 multi-layer fusion: ``norm(sum of blocks fusion_layers' outputs)`` [B, 1+L_keep, D]."""
+        return self.encoder.norm(torch.stack([intermediates[i] for i in self.fusion_layers]).sum(0))
 
     def pixel_head(self) -> tuple[str, PixelDecoderHead]:
         for name, head in self.heads.items():
@@ -124,4 +138,4 @@ def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretra
         weights[hname] = float(cfg.get("weight", 1.0))
     masker = build_masker(recipe["masker"], encoder.grid) if recipe.get("masker") else None
     check_compatible(masker, heads, name)  # a bad combination fails at start, saying why
-    return Pretrainer(encoder, heads, weights, masker)
+    return Pretrainer(encoder, heads, weights, masker, recipe.get("fusion_layers"))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from maelab.models.heads.base import Head
+from maelab.models.heads.mimic import DecoderMimicHead, MimicHead
 from maelab.models.heads.pixel import PixelDecoderHead, masked_mse, normalize_patches, patchify, unpatchify
 from maelab.models.heads.region import RegionHead
 from maelab.models.vit import EncoderSpec
 
-HEADS: dict[str, type[Head]] = {"pixel_decoder": PixelDecoderHead, "region": RegionHead}
+HEADS: dict[str, type[Head]] = {
+    "pixel_decoder": PixelDecoderHead,
+    "region": RegionHead,
+    "mimic": MimicHead,
+    "decoder_mimic": DecoderMimicHead,
+}
 
 RESERVED_KEYS = ("type", "weight")
 
@@ -22,6 +29,8 @@ def build_head(name: str, cfg: dict[str, Any], spec: EncoderSpec) -> Head:
     if cfg["type"] not in HEADS:
         raise ValueError(f"heads.{name}.type {cfg['type']!r} is unknown; choose one of {sorted(HEADS)}")
     kwargs = {k: v for k, v in cfg.items() if k not in RESERVED_KEYS}
+    if "name" in inspect.signature(HEADS[cfg["type"]]).parameters:
+        kwargs.setdefault("name", name)  # errors name the recipe's head
     try:
         return HEADS[cfg["type"]](spec, **kwargs)
     except TypeError as err:
@@ -30,8 +39,10 @@ def build_head(name: str, cfg: dict[str, Any], spec: EncoderSpec) -> Head:
 
 __all__ = [
     "HEADS",
+    "DecoderMimicHead",
     "EncoderSpec",
     "Head",
+    "MimicHead",
     "PixelDecoderHead",
     "RegionHead",
     "build_head",

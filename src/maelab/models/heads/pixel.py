@@ -142,6 +142,10 @@ class PixelDecoderHead(Head):
         """[B, 1+L_keep, D_enc] -> [B, L, p*p*C] predictions for every patch (raster order), or with
         ``downsample: 2`` [B, L/4, 2p*2p*C] for every 2x2 group; ``extra`` [B, L, Dd], if given, is added to
         the patch tokens after mask filling."""
+        return self.decoder_pred(self.decode_tokens(self.decode_input(latent, plan, extra)))[:, 1:]
+
+    def decode_input(self, latent: Tensor, plan: MaskPlan, extra: Tensor | None = None) -> Tensor:
+        """The decoder's input sequence [B, 1+L(/4), Dd]: embedded, mask-filled, raster order, positions."""
         x = self.decoder_embed(latent)  # [B, 1+L_keep, Dd]
         b, n_keep = x.shape[0], x.shape[1] - 1
         n = plan.ids_restore.shape[-1]
@@ -153,9 +157,14 @@ class PixelDecoderHead(Head):
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # [B, 1+L, Dd]
         if self.decoder_shorten is not None:
             x = torch.cat([x[:, :1], self.shorten(x[:, 1:])], dim=1)  # [B, 1+L/4, Dd]
+        return x
+
+    def decode_tokens(self, x: Tensor) -> Tensor:
+        """The decoder blocks and norm on the input sequence [B, 1+L', Dd] (MR-MAE's decoder mimic head
+        reads these tokens too); ``decode`` drops the CLS slot after the predictor."""
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS -> [B, L(/4), p'*p'*C]
+        return self.decoder_norm(x)
 
     def shorten(self, x: Tensor) -> Tensor:
         """[B, L, Dd] -> [B, L/4, Dd]: the learned 2x2 stride-2 convolution over the patch grid."""

@@ -98,9 +98,10 @@ def pretrain(
     run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
     region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
     """
+    from maelab.orchestration.teachers import resolve_teacher_weights  # MR-MAE: models:/ URIs -> files
     from maelab.train.engine import train
 
-    recipe = with_region_store(recipe, region_store)
+    recipe = resolve_teacher_weights(with_region_store(recipe, region_store), run_env)
     devices = int(recipe["train"].get("devices") or 1)
     if devices > 1:
         report = launch_torchrun(recipe, manifest, devices, run_env)
