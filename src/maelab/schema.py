@@ -31,7 +31,7 @@ TOP_LEVEL = (
     "interactive",
     "rmae_full",
 )
-RECIPE_SECTIONS = ("name", "encoder", "masker", "heads", "data", "train")
+RECIPE_SECTIONS = ("name", "encoder", "masker", "heads", "data", "train", "fusion_layers")
 
 
 class ConfigError(ValueError):
@@ -195,8 +195,15 @@ def _range(model: type[BaseModel], loc: tuple) -> str:
 
 
 def _constructor_keys(cls: Callable[..., Any], skip: int) -> list[str]:
+    """The keyword arguments ``cls(...)`` takes after the first ``skip``; a class whose ``__init__`` passes
+    ``**kwargs`` on to its base (e.g. a head that extends the pixel decoder) also takes the base's keys."""
     params = list(inspect.signature(cls).parameters.values())[skip:]
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    keys = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if inspect.isclass(cls) and any(p.kind is p.VAR_KEYWORD for p in params):
+        base = next((b for b in cls.__mro__[1:] if "__init__" in vars(b)), None)
+        if base is not None and base is not object:
+            keys += [k for k in _constructor_keys(base, skip) if k not in keys]
+    return keys
 
 
 def _typed_block(
