@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/kedro run --pipeline=$(RUN_PIPELINE)
+	$(BIN)/kedro run --pipelines=$(RUN_PIPELINE)
 
 test: setup
 	$(BIN)/ruff check src tests pipelines

@@ -43,10 +43,10 @@ def kedro_task(
     project: str | None = None,
     namespaces: list[str] | None = None,
 ) -> list[str]:
-    """``kedro run --pipeline=NAME`` as a Prefect task (retried twice: I/O and worker hiccups)."""
+    """``kedro run --pipelines=NAME`` as a Prefect task (retried twice: I/O and worker hiccups)."""
     logger = get_run_logger()
     logger.info(
-        "kedro run --pipeline=%s --env=%s params=%s namespaces=%s", name, env, params or {}, namespaces
+        "kedro run --pipelines=%s --env=%s params=%s namespaces=%s", name, env, params or {}, namespaces
     )
     outputs = run_kedro_pipeline(name, env=env, params=params, project_path=project, namespaces=namespaces)
     logger.info("kedro pipeline %s done; free outputs: %s", name, outputs or "none")

@@ -47,7 +47,7 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_kedro(project: Path, pipeline: str, params: dict | None = None, env: str | None = None) -> dict:
-    """``kedro run --pipeline=NAME --params ...`` in ``project``, in-process; returns the free outputs."""
+    """``kedro run --pipelines=NAME --params ...`` in ``project``, in-process; returns the free outputs."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 

@@ -118,7 +118,7 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
     order = [out.index(f"Running stage '{s}'") for s in stages]
     assert order[0] < order[1] < min(order[2:4]) and max(order[2:4]) < order[4] < order[5]
     assert order[3] < order[6]  # interactive segmentation reads the R-MAE checkpoint
-    assert f"kedro run --pipeline=pretrain_rmae --env={params['env']}" in out
+    assert f"kedro run --pipelines=pretrain_rmae --env={params['env']}" in out
 
 
 @pytest.mark.parametrize("section", ["core", "remote"])

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=rmae_full`` end to end on a micro config: raw scenes -> report.json,
+"""``kedro run --pipelines=rmae_full`` end to end on a micro config: raw scenes -> report.json,
 with the pre-trained encoders registered in MLflow (first version = champion)."""
 
 from __future__ import annotations

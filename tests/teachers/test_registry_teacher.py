@@ -68,6 +68,6 @@ def test_unregistered_teacher_says_what_to_run(tmp_path, monkeypatch):
     shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
     monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
-    with pytest.raises(LookupError, match="kedro run --pipeline=pretrain_mae"):
+    with pytest.raises(LookupError, match="kedro run --pipelines=pretrain_mae"):
         resolve_weights("models:/maelab-mae-vit-t8-64-d6@champion")
     assert resolve_weights("some/local/file.pt") == "some/local/file.pt"

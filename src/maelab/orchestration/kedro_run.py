@@ -30,7 +30,7 @@ def run_kedro_pipeline(
     project_path: str | Path | None = None,
     namespaces: list[str] | None = None,
 ) -> list[str]:
-    """``kedro run --pipeline=NAME --env=ENV --params=...`` in-process; returns the names of free outputs.
+    """``kedro run --pipelines=NAME --env=ENV --params=...`` in-process; returns the names of free outputs.
 
     ``env=None`` is Kedro's default run env (``local`` over ``base``); ``"base"``: the embedded default only.
     """

@@ -25,7 +25,7 @@ def resolve_weights(ref: str, env: str | None = None) -> str:
     except LookupError as err:
         raise LookupError(
             f"teacher weights {ref}: {err}. Register that encoder first (for conf/base's mrmae recipes: "
-            "`kedro run --pipeline=pretrain_mae`), or set the teacher's weights to a local file"
+            "`kedro run --pipelines=pretrain_mae`), or set the teacher's weights to a local file"
         ) from err
 
 

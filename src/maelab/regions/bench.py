@@ -3,7 +3,7 @@
 Same images, same process count, same chunks, side by side in one run:
   bare      = ``skimage.segmentation.felzenszwalb`` at the configured scales on already-decoded arrays;
   pipeline  = :func:`~maelab.regions.build.build_source` into a fresh store (decode + FH + compress + atomic
-              shard write + index commit + gc), i.e. what ``kedro run --pipeline=regions`` does per source.
+              shard write + index commit + gc), i.e. what ``kedro run --pipelines=regions`` does per source.
 Each is timed ``repeats`` times, alternating which goes first; the overhead is the median of the paired
 ratios, in wall time and in CPU time (parent + pool processes, which a busy machine disturbs less).
 Images are skimage's bundled photos resized to 640x480 (COCO-sized), saved as JPEG q95, variants

@@ -258,5 +258,5 @@ def build_loader(
 def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest not found (run `kedro run --pipeline=ingest` first)")
+        raise FileNotFoundError(f"{path}: manifest not found (run `kedro run --pipelines=ingest` first)")
     return pd.read_parquet(path)

@@ -73,6 +73,14 @@ def mimic_loss(pred: Tensor, target: Tensor, reduction: str = "mean", mask: Tens
 class TeacherMixin:
     """The frozen teacher a head mimics: built from config, kept out of the module tree, run once a step."""
 
+    def init_target(self, name: str, target_norm: str, reduction: str) -> None:
+        """The teacher-target options every mimic head shares, checked once (the paper leaves both open)."""
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"heads.{name}.target_norm {target_norm!r}: choose one of {TARGET_NORMS}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"heads.{name}.reduction {reduction!r}: choose one of {REDUCTIONS}")
+        self.target_norm, self.reduction = target_norm, reduction
+
     def init_teacher(self, teacher: dict[str, Any] | nn.Module, where: str, fused_attn: bool = True) -> None:
         if isinstance(teacher, nn.Module):
             built = teacher
@@ -131,11 +139,7 @@ class MimicHead(TeacherMixin, Head):
         fused_attn: bool = True,
     ) -> None:
         super().__init__(spec)
-        if target_norm not in TARGET_NORMS:
-            raise ValueError(f"heads.{name}.target_norm {target_norm!r}: choose one of {TARGET_NORMS}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"heads.{name}.reduction {reduction!r}: choose one of {REDUCTIONS}")
-        self.target_norm, self.reduction = target_norm, reduction
+        self.init_target(name, target_norm, reduction)
         self.init_teacher(teacher, f"heads.{name}.teacher", fused_attn)
         self.proj = nn.Linear(spec.embed_dim, int(self.teacher.embed_dim))  # L in Eq. 2
         self.apply(init_linear_norm)
@@ -172,9 +176,7 @@ class DecoderMimicHead(TeacherMixin, PixelDecoderHead):
         **decoder: Any,
     ) -> None:
         super().__init__(spec, fused_attn=fused_attn, **decoder)
-        if target_norm not in TARGET_NORMS or reduction not in REDUCTIONS:
-            raise ValueError(f"heads.{name}: target_norm in {TARGET_NORMS}, reduction in {REDUCTIONS}")
-        self.target_norm, self.reduction = target_norm, reduction
+        self.init_target(name, target_norm, reduction)
         self.pixel_weight, self.feature_weight = float(pixel_weight), float(feature_weight)
         self.init_teacher(teacher, f"heads.{name}.teacher", fused_attn)
         width = self.decoder_pred.in_features

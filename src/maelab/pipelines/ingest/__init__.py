@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=ingest``: sources -> one image manifest, quarantine, COCO-format annotations."""
+"""``kedro run --pipelines=ingest``: sources -> one image manifest, quarantine, COCO-format annotations."""
 
 from maelab.pipelines.ingest.pipeline import create_pipeline
 

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=regions``: precompute region maps (FH / panoptic / SAM) into the region store."""
+"""``kedro run --pipelines=regions``: precompute region maps (FH / panoptic / SAM) into the region store."""
 
 from maelab.pipelines.regions.pipeline import create_pipeline
 
