@@ -13,7 +13,8 @@ uniform and ``R_{M→O} ≈ m > 1/2`` holds trivially (three quarters of the dec
 tokens), while the paper's curve (Fig. 4) starts below and crosses at T ≈ 50 epochs; so the rule is armed
 once ``R_{M→O} < R_{V→O}`` has been measured and fires at the first measurement after that with
 ``R_{M→O} ≥ R_{V→O}`` (our reading). ``switch_epoch: E`` forces the switch at the first step of epoch E
-instead (rates are still measured and logged). The switch is permanent; the phase, the step it came at,
+instead (rates are still measured and logged); ``switch_at_step: S`` forces it at optimiser step S (short
+runs, tests). The switch is permanent; the phase, the step it came at,
 the monitoring batch and the last rates are this module's extra state, so they live in the model's
 state dict and thus in the training checkpoint (exact resume across the switch).
 
@@ -137,6 +138,7 @@ class SelfGuidedMasker(Masker, nn.Module):
         hint_ratio: float = 0.05,
         hint_ratio_end: float | None = None,
         switch_epoch: int | None = None,
+        switch_at_step: int | None = None,
         monitor_every: int = 50,
         monitor_size: int = 8,
         refresh_every: int = 1,
@@ -153,6 +155,7 @@ class SelfGuidedMasker(Masker, nn.Module):
         self.hint_ratio = float(hint_ratio)
         self.hint_ratio_end = self.hint_ratio if hint_ratio_end is None else float(hint_ratio_end)
         self.switch_epoch = None if switch_epoch is None else int(switch_epoch)
+        self.switch_at_step = None if switch_at_step is None else int(switch_at_step)
         self.monitor_every, self.monitor_size = int(monitor_every), int(monitor_size)
         self.refresh_every, self.seed = max(1, int(refresh_every)), int(seed)
         # run state (extra state: saved with the model)
@@ -194,7 +197,7 @@ class SelfGuidedMasker(Masker, nn.Module):
         if self.monitor_images is None:
             self.monitor_images = images[: self.monitor_size].detach().float().cpu().clone()
         self.monitor(model, context.step)
-        if self.phase == RANDOM and self.switch_epoch is not None and context.epoch >= self.switch_epoch:
+        if self.phase == RANDOM and self.forced(context):
             self.switch(context.step)
         index = batch.get("index")
         indices = index.tolist() if isinstance(index, Tensor) else list(range(images.shape[0]))
@@ -204,6 +207,11 @@ class SelfGuidedMasker(Masker, nn.Module):
         scores = self.scores(model, images, context.epoch)
         mask = informed_mask(scores, noise, self.ratio, self.num_hints(context), self.hint)
         return MaskPlan.from_mask(mask)
+
+    def forced(self, context: MaskContext) -> bool:
+        """Whether the recipe forces the switch now (``switch_epoch`` or ``switch_at_step`` reached)."""
+        by_epoch = self.switch_epoch is not None and context.epoch >= self.switch_epoch
+        return by_epoch or (self.switch_at_step is not None and context.step >= self.switch_at_step)
 
     def switch(self, step: int) -> None:
         self.phase, self.switch_step = INFORMED, int(step)
@@ -276,8 +284,9 @@ class SelfGuidedMasker(Masker, nn.Module):
 
     def observe(self, r_mo: float, r_vo: float, step: int) -> None:
         """§4 "When to start" on one measurement at the last decoder layer: switch when ``R_{M→O} ≥ R_{V→O}``
-        once armed (a measurement with ``R_{M→O} < R_{V→O}`` seen before); ignored with ``switch_epoch``."""
-        if self.phase != RANDOM or self.switch_epoch is not None:
+        once armed (a measurement with ``R_{M→O} < R_{V→O}`` seen before); ignored when the switch is
+        forced."""
+        if self.phase != RANDOM or self.switch_epoch is not None or self.switch_at_step is not None:
             return
         if r_mo >= r_vo and self.armed:
             self.switch(step)

@@ -124,6 +124,7 @@ def train(
                     "images_per_s": ips,
                     **stats,
                     "peak_mem_mb": peak_memory_mb(run.device),
+                    **masker_metrics(run.raw),
                 }
                 tracker.log_metrics(metrics, step_done)
                 if bar is None:
@@ -206,6 +207,12 @@ def accumulate(
         batch,
         outputs,
     )
+
+
+def masker_metrics(model: nn.Module) -> dict[str, float]:
+    """What the run's masker reports, if it does (self-guided MAE: phase, switch step, exploitation rates)."""
+    report = getattr(getattr(model, "masker", None), "metrics", None)
+    return report() if callable(report) else {}
 
 
 def check_finite(stats: dict[str, float], step: int, checkpoint: Path) -> None:

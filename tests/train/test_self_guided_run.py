@@ -1,0 +1,56 @@
+"""Self-guided MAE in the engine: the phase switch lives in the checkpoint, so resume across it is exact."""
+
+import torch
+from fake_parts import tiny_recipe
+
+from maelab.masking.self_guided import INFORMED, RANDOM
+from maelab.models import build_pretrainer
+from maelab.train.checkpoint import load_checkpoint
+from maelab.train.engine import CHECKPOINT, masker_metrics, train
+
+OFF = {"enabled": False}
+
+
+def sgmae_recipe(**masker):
+    recipe = tiny_recipe(steps=6, ckpt_every=2)
+    recipe["name"] = "sgmae_tiny"
+    recipe["masker"] = {"type": "self_guided", "ratio": 0.75, "monitor_every": 1, "monitor_size": 2, **masker}
+    return recipe
+
+
+def run(recipe, manifest, out, **kw):
+    return train(
+        recipe, manifest, out_dir=out, mlflow=OFF, progress=False, build_model=build_pretrainer, **kw
+    )
+
+
+def same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, b[k]), k
+        elif isinstance(v, dict):
+            same_state(v, b[k])
+        else:
+            assert v == b[k], k
+
+
+def test_resume_across_the_switch_is_bit_identical(manifest, tmp_path):
+    recipe = sgmae_recipe(switch_at_step=2)
+    full = run(recipe, manifest, tmp_path / "full")
+    part = run(recipe, manifest, tmp_path / "part", stop_after=4)  # killed after the switch (step 2)
+    saved = load_checkpoint(tmp_path / "part" / CHECKPOINT)["model"]["masker._extra_state"]
+    assert saved["phase"] == INFORMED and saved["switch_step"] == 2 and part.steps == 4
+    rest = run(recipe, manifest, tmp_path / "part", resume=True)
+    assert rest.start_step == 4 and full.history["loss"] == rest.history["loss"]  # exact floats
+    a = load_checkpoint(tmp_path / "full" / CHECKPOINT)["model"]
+    b = load_checkpoint(tmp_path / "part" / CHECKPOINT)["model"]
+    same_state(a, b)
+    assert a["masker._extra_state"]["rates"]  # the exploitation rates were measured and kept
+
+
+def test_the_masker_reports_its_metrics():
+    model = build_pretrainer(sgmae_recipe())
+    metrics = masker_metrics(model)
+    assert metrics["sgmae/phase"] == RANDOM and metrics["sgmae/switch_step"] == -1
+    assert masker_metrics(torch.nn.Linear(1, 1)) == {}
