@@ -130,7 +130,7 @@ def test_phase_and_monitor_batch_live_in_the_state_dict():
     batch = {"image": torch.randn(4, 3, 32, 32), "index": torch.arange(4)}
     model({**batch, "context": MaskContext(step=3, epoch=0, total_steps=10)})
     state = model.state_dict()
-    assert state["masker._extra_state"]["phase"] == INFORMED
+    assert state["masker.run_state"].tolist() == [INFORMED, 3, 0, 3]  # phase, switch step, armed, monitored
     fresh = build_pretrainer(tiny_recipe(switch_epoch=0))
     fresh.load_state_dict(state)
     assert fresh.masker.phase == INFORMED and fresh.masker.switch_step == 3
@@ -141,3 +141,12 @@ def test_phase_and_monitor_batch_live_in_the_state_dict():
 def test_unknown_knob_is_a_clear_error():
     with pytest.raises(ValueError, match="masker.target"):
         build_masker({"type": "self_guided", "target": "sky"}, GRID)
+
+
+def test_flops_count_the_informed_pass():
+    from maelab.analysis.flops import count_gmacs
+
+    mae = {**tiny_recipe(), "masker": {"type": "random", "ratio": 0.75}}
+    informed = tiny_recipe(switch_epoch=0, monitor_every=0)
+    # the no-grad pass over all 64 tokens up to block 1 of 3 (layer -2) comes on top of MAE's forward
+    assert count_gmacs(informed) > count_gmacs(mae) * 1.2

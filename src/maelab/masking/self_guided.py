@@ -15,8 +15,9 @@ once ``R_{M→O} < R_{V→O}`` has been measured and fires at the first measurem
 ``R_{M→O} ≥ R_{V→O}`` (our reading). ``switch_epoch: E`` forces the switch at the first step of epoch E
 instead (rates are still measured and logged); ``switch_at_step: S`` forces it at optimiser step S (short
 runs, tests). The switch is permanent; the phase, the step it came at,
-the monitoring batch and the last rates are this module's extra state, so they live in the model's
-state dict and thus in the training checkpoint (exact resume across the switch).
+the monitoring batch and the last rates are this module's buffers (``run_state``, ``monitor_images``,
+``rate_curve``), so they live in the model's state dict and thus in the training checkpoint (exact resume
+across the switch) with no change to the engine.
 
 **Informed masks** (§4), per image, from a no-grad full-image pass:
 
@@ -60,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from maelab.masking.context import MaskContext
-from maelab.masking.exploitation import exploitation_rates
+from maelab.masking.exploitation import exploitation_rates, rate_metrics
 from maelab.masking.maskers import Grid, Masker, _check_ratio
 from maelab.masking.ncut import GRAPHS, SOLVERS, bipartition, ncut_vector, relevance, similarity_graph
 from maelab.masking.plan import MaskPlan
@@ -101,7 +102,7 @@ def informed_mask(scores: Tensor, noise: Tensor, ratio: float, n_hint: int, hint
     order = torch.argsort(scores.float(), dim=-1, descending=True, stable=True)  # most relevant first
     candidates = order[:, : num - num_keep + n_hint]  # [B, n_mask + n_hint]
     mask = torch.zeros(b, num, dtype=torch.bool, device=scores.device)
-    mask.scatter_(1, candidates, True)
+    mask.scatter_(1, candidates, torch.ones_like(candidates, dtype=torch.bool))  # (tensor src: traceable)
     if n_hint:
         u = noise.to(scores.device).gather(1, candidates).clamp(1e-12, 1 - 1e-7)
         if hint == "s_based":  # Gumbel top-k: a draw without replacement, probability proportional to S
@@ -110,7 +111,7 @@ def informed_mask(scores: Tensor, noise: Tensor, ratio: float, n_hint: int, hint
         else:
             key = u
         hints = candidates.gather(1, torch.argsort(key, dim=-1, stable=True)[:, :n_hint])
-        mask.scatter_(1, hints, False)
+        mask.scatter_(1, hints, torch.zeros_like(hints, dtype=torch.bool))
     return mask
 
 
@@ -158,32 +159,34 @@ class SelfGuidedMasker(Masker, nn.Module):
         self.switch_at_step = None if switch_at_step is None else int(switch_at_step)
         self.monitor_every, self.monitor_size = int(monitor_every), int(monitor_size)
         self.refresh_every, self.seed = max(1, int(refresh_every)), int(seed)
-        # run state (extra state: saved with the model)
+        # run state, in buffers so it is saved with the model: python mirrors, written back on change
         self.phase, self.switch_step, self.armed, self.monitored = RANDOM, -1, False, -1
-        self.monitor_images: Tensor | None = None
         self.rates: dict[str, float] = {}
+        self.register_buffer(
+            "run_state", torch.tensor([RANDOM, -1, 0, -1])
+        )  # phase, switch, armed, monitored
+        self.register_buffer("monitor_images", torch.zeros(0))  # [K, C, H, W] once the first batch is seen
+        self.register_buffer("rate_curve", torch.zeros(0))  # [2, decoder layers]: R_{M→O}, R_{V→O}
 
     def __repr__(self) -> str:
         return f"SelfGuidedMasker(grid={self.grid}, ratio={self.ratio}, phase={self.phase})"
 
     # -- state -------------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        images = self.monitor_images if self.monitor_images is not None else torch.zeros(0)
-        return {
-            "phase": self.phase,
-            "switch_step": self.switch_step,
-            "armed": self.armed,
-            "monitored": self.monitored,
-            "monitor_images": images.detach().cpu(),
-            "rates": dict(self.rates),
-        }
+    def _write_state(self) -> None:
+        values = [self.phase, self.switch_step, int(self.armed), self.monitored]
+        self.run_state.copy_(torch.tensor(values))
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.phase, self.switch_step = int(state["phase"]), int(state["switch_step"])
-        self.armed, self.monitored = bool(state["armed"]), int(state["monitored"])
-        images = state["monitor_images"]
-        self.monitor_images = images.clone() if images.numel() else None
-        self.rates = {k: float(v) for k, v in state["rates"].items()}
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        for name in ("monitor_images", "rate_curve"):  # lazily sized: take the saved shape
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.run_state.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        phase, switch_step, armed, monitored = self.run_state.tolist()
+        self.phase, self.switch_step, self.armed, self.monitored = phase, switch_step, bool(armed), monitored
+        curve = self.rate_curve
+        self.rates = rate_metrics(curve[0], curve[1]) if curve.numel() else {}
 
     def metrics(self) -> dict[str, float]:
         """What to log: the phase, the switch step (-1 before) and the last exploitation rates."""
@@ -194,8 +197,8 @@ class SelfGuidedMasker(Masker, nn.Module):
         model, images = context.model, batch["image"]
         if model is None:
             raise ValueError("SelfGuidedMasker runs in the step: MaskContext.model must be the model")
-        if self.monitor_images is None:
-            self.monitor_images = images[: self.monitor_size].detach().float().cpu().clone()
+        if not self.monitor_images.numel():
+            self.monitor_images = images[: self.monitor_size].detach().float().clone()
         self.monitor(model, context.step)
         if self.phase == RANDOM and self.forced(context):
             self.switch(context.step)
@@ -215,6 +218,7 @@ class SelfGuidedMasker(Masker, nn.Module):
 
     def switch(self, step: int) -> None:
         self.phase, self.switch_step = INFORMED, int(step)
+        self._write_state()
 
     def num_hints(self, context: MaskContext) -> int:
         total, start = context.total_steps, max(self.switch_step, 0)
@@ -265,9 +269,10 @@ class SelfGuidedMasker(Masker, nn.Module):
         if self.monitor_every <= 0 or step % self.monitor_every or step == self.monitored:
             return
         self.monitored = step
+        self._write_state()
         _, head = model.pixel_head()
         device = next(head.parameters()).device
-        images = self.monitor_images.to(device)
+        images = self.monitor_images
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + _MONITOR_STREAM)
         noise = torch.rand(images.shape[0], self.num_patches, generator=g)
         plan = MaskPlan.from_noise(noise, self.ratio).to(device)
@@ -279,6 +284,7 @@ class SelfGuidedMasker(Masker, nn.Module):
             torch.distributed.all_reduce(both)  # every rank decides alike
             both /= torch.distributed.get_world_size()
         rates = type(rates)(rates.r, rates.R, both[0], both[1])
+        self.rate_curve = both.detach().clone()
         self.rates = rates.metrics()
         self.observe(float(both[0, -1]), float(both[1, -1]), step)
 
@@ -290,4 +296,6 @@ class SelfGuidedMasker(Masker, nn.Module):
             return
         if r_mo >= r_vo and self.armed:
             self.switch(step)
-        self.armed = self.armed or r_mo < r_vo
+        if not self.armed and r_mo < r_vo:
+            self.armed = True
+            self._write_state()
