@@ -5,9 +5,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from maelab.masking import MaskContext, SelfGuidedMasker, build_masker
+from maelab.masking import MaskContext, MaskPlan, SelfGuidedMasker, build_masker
 from maelab.masking.ncut import bipartition, ncut_vector, relevance, similarity_graph
-from maelab.masking.self_guided import INFORMED, RANDOM, informed_mask
+from maelab.masking.self_guided import INFORMED, RANDOM, informed_mask, sample_noise
 from maelab.models import build_pretrainer
 
 GRID = (8, 8)
@@ -150,3 +150,18 @@ def test_flops_count_the_informed_pass():
     informed = tiny_recipe(switch_epoch=0, monitor_every=0)
     # the no-grad pass over all 64 tokens up to block 1 of 3 (layer -2) comes on top of MAE's forward
     assert count_gmacs(informed) > count_gmacs(mae) * 1.2
+
+
+def test_refresh_every_masks_at_random_between_refreshes():
+    torch.manual_seed(0)
+    model = build_pretrainer(tiny_recipe(switch_epoch=0, monitor_every=0, refresh_every=2, hint="none"))
+    batch = {"image": torch.randn(2, 3, 32, 32), "index": torch.arange(2)}
+    ctx = MaskContext(step=0, epoch=0, total_steps=10, model=model)
+    informed = model.masker.plan_batch(batch, ctx)
+    between = model.masker.plan_batch(batch, MaskContext(step=1, epoch=0, total_steps=10, model=model))
+    noise = sample_noise(0, 0, [0, 1], L)
+    assert torch.equal(between.mask, MaskPlan.from_noise(noise, 0.75).mask)  # the per-sample random plan
+    assert not torch.equal(informed.mask, between.mask)
+    assert torch.equal(
+        informed.mask, informed_mask(model.masker.scores(model, batch["image"], 0), noise, 0.75, 0)
+    )
