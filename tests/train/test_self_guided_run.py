@@ -49,3 +49,31 @@ def test_the_masker_reports_its_metrics():
     metrics = masker_metrics(model)
     assert metrics["sgmae/phase"] == RANDOM and metrics["sgmae/switch_step"] == -1
     assert masker_metrics(torch.nn.Linear(1, 1)) == {}
+
+
+def test_rates_phase_and_switch_step_reach_mlflow_with_pictures(manifest, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from maelab.analysis.viz import training_pictures
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    settings = {"tracking_uri": uri, "artifact_location": (tmp_path / "art").as_uri(), "experiment": "t"}
+    recipe = sgmae_recipe(switch_at_step=2)
+    recipe["train"].update(steps=4, log_every=1, image_every=3)
+    r = train(
+        recipe,
+        manifest,
+        out_dir=tmp_path / "o",
+        mlflow=settings,
+        progress=False,
+        build_model=build_pretrainer,
+        pictures=training_pictures,
+    )
+    client = MlflowClient(uri)
+    phase = [(m.step, m.value) for m in client.get_metric_history(r.mlflow_run_id, "sgmae/phase")]
+    assert phase == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)]  # step 2 (0-based) is the first informed one
+    assert client.get_run(r.mlflow_run_id).data.metrics["sgmae/switch_step"] == 2
+    curve = client.get_metric_history(r.mlflow_run_id, "sgmae/R_M_O/dec1")
+    assert len(curve) == 4 and all(0 < m.value < 1 for m in curve)
+    pngs = [a.path for a in client.list_artifacts(r.mlflow_run_id, "reconstructions")]
+    assert "reconstructions/reconstruction_step_0000003.png" in pngs  # informed masks next to their images
