@@ -11,6 +11,7 @@ from maelab.analysis.token_relations import (
     feature_variance,
     masked_token_variance,
     relation_kl,
+    relation_profile,
     similarity_variance,
 )
 
@@ -51,3 +52,30 @@ def test_relation_kl():
     assert relation_kl(q, q, kind="cosine") == pytest.approx(0.0)
     with pytest.raises(ValueError, match="kind"):
         relation_kl(p, q, kind="l2")
+
+
+def test_relation_profile_of_a_tiny_pretrainer():
+    from maelab.masking import MaskPlan
+    from maelab.models import build_pretrainer
+
+    torch.manual_seed(0)
+    recipe = {
+        "encoder": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2},
+        "masker": {"type": "random", "ratio": 0.75},
+        "heads": {"pixel": {"type": "pixel_decoder", "embed_dim": 16, "depth": 2, "num_heads": 2}},
+    }
+    model = build_pretrainer(recipe).eval()
+    plan = MaskPlan.from_noise(torch.rand(2, 16), 0.75)
+    prof = relation_profile(model, torch.randn(2, 3, 32, 32), plan)
+    assert {k: len(v) for k, v in prof.items()} == {
+        "enc_sigma_f": 3,
+        "enc_sigma_s": 3,
+        "enc_attention_distance": 3,
+        "enc_nmi": 3,
+        "dec_sigma_f": 2,
+        "dec_sigma_s": 2,
+        "dec_masked_token_variance": 2,
+    }
+    assert all(0 <= v <= 1 for v in prof["enc_nmi"])
+    assert all(0 < v < 4 * math.sqrt(2) for v in prof["enc_attention_distance"])  # within the 4x4 grid
+    assert all(0 <= v <= 2 for v in prof["enc_sigma_f"] + prof["dec_sigma_f"])

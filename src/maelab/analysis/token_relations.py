@@ -19,13 +19,14 @@ All take one layer's tokens of a batch of images and return the batch mean (a fl
   rows as they are, cosine rows through a softmax (our choice; the paper does not say how it makes ``M``
   a distribution); the mean over rows.
 
-The analysis command that runs these on checkpoints, writes the picture and the JSON and logs them to
-MLflow is not written yet.
+``relation_profile`` runs them over every encoder and decoder block of a Pretrainer. The analysis command
+that runs it on checkpoints, writes the picture and the JSON and logs them to MLflow is not written yet.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +95,36 @@ def relation_kl(r_now: Tensor, r_final: Tensor, kind: str = "attention") -> floa
         raise ValueError(f"relation_kl: kind {kind!r} is unknown; choose attention or cosine")
     kl = (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(-1)
     return float(kl.mean())
+
+
+@torch.no_grad()
+def relation_profile(model: torch.nn.Module, images: Tensor, plan: Any) -> dict[str, list[float]]:
+    """The metrics per layer of a Pretrainer with a pixel decoder, the ground for Fig. 6 / Fig. 7 / Table 1:
+
+    - ``enc_sigma_f``, ``enc_sigma_s``, ``enc_attention_distance``, ``enc_nmi``: every encoder block on the
+      full image ``E(X)`` (patch tokens, CLS left out of σ);
+    - ``dec_sigma_f``, ``dec_sigma_s``, ``dec_masked_token_variance``: every decoder block in the practical
+      setting ``D([E(X_v); m])`` with ``plan`` (a ``MaskPlan [B, L]``).
+    """
+    encoder = model.encoder
+    blocks = list(range(encoder.depth))
+    _, enc_attn = encoder.forward_attention(images, None, blocks)
+    _, enc_feats = encoder.forward_intermediates(images, None, blocks)
+    out: dict[str, list[float]] = {
+        "enc_sigma_f": [feature_variance(f[:, 1:]) for f in enc_feats],
+        "enc_sigma_s": [similarity_variance(f[:, 1:]) for f in enc_feats],
+        "enc_attention_distance": [attention_distance(enc_attn[i], encoder.grid) for i in blocks],
+        "enc_nmi": [attention_nmi(enc_attn[i]) for i in blocks],
+    }
+    _, head = model.pixel_head()
+    captured: list[Tensor] = []
+    hooks = [blk.register_forward_hook(lambda _m, _a, y: captured.append(y)) for blk in head.decoder_blocks]
+    try:
+        head.decode(encoder.forward_features(images, plan), plan)
+    finally:
+        for h in hooks:
+            h.remove()
+    out["dec_sigma_f"] = [feature_variance(y[:, 1:]) for y in captured]
+    out["dec_sigma_s"] = [similarity_variance(y[:, 1:]) for y in captured]
+    out["dec_masked_token_variance"] = [masked_token_variance(y[:, 1:], plan.mask) for y in captured]
+    return out
