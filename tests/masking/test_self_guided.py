@@ -25,15 +25,11 @@ def planted(b: int = 2, noise: float = 0.1, seed: int = 0) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize(
-    ("graph", "solver"),
-    # the power iteration converges as ((1 + l3) / (1 + l2))^iters: the compressed "shift" graph has too
-    # small a gap for 300 iterations, so it is checked with eigh only
-    [("clamp", "eigh"), ("tokencut", "eigh"), ("shift", "eigh"), ("clamp", "power"), ("tokencut", "power")],
-)
+@pytest.mark.parametrize("graph", ["clamp", "tokencut", "shift"])
+@pytest.mark.parametrize("solver", ["eigh", "power"])
 def test_solver_agrees_with_scipy_generalised_eigh(graph, solver):
     w = similarity_graph(planted(3, noise=0.3), graph)
-    y = ncut_vector(w, solver, iters=300)
+    y = ncut_vector(w, solver)  # the default 100 iterations
     for b in range(3):
         wb = w[b].double().numpy()
         d = np.diag(wb.sum(1))
