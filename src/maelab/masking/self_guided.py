@@ -7,7 +7,8 @@ It runs in the training step (``in_step``): ``plan_batch(batch, context)`` gets 
 **Phases.** ``random`` first: MAE's per-sample random masking. Every ``monitor_every`` steps the exploitation
 rates (§3.4, Eq. 5-7, ``maelab.masking.exploitation``) are measured on a small fixed monitoring batch (the
 first ``monitor_size`` images the masker sees, with one fixed random plan): an encoder pass on the visible
-tokens and the pixel decoder with the attention of every block kept. §4 "When to start": the switch comes
+tokens and the pixel decoder with the attention of every block kept (under DDP the rates are averaged over
+the ranks, so every rank switches at the same step). §4 "When to start": the switch comes
 when ``R_{M→O} ≥ R_{V→O}`` after the last decoder layer. At initialisation the decoder's attention is nearly
 uniform and ``R_{M→O} ≈ m > 1/2`` holds trivially (three quarters of the decoder's tokens are mask
 tokens), while the paper's curve (Fig. 4) starts below and crosses at T ≈ 50 epochs; so the rule is armed
@@ -42,7 +43,8 @@ across the switch) with no change to the engine.
   schedule).
 
 **Cost** (the paper reports 1.0025x MAE's time, Table IV, without saying how). The full-image pass stops at
-the chosen block and is no-grad; the eigenproblem is one batched ``eigh`` (or a power iteration).
+the chosen block and is no-grad; the eigenproblem is one batched ``eigh`` (or ``solver: power``, a
+subspace iteration for accelerators).
 ``refresh_every: N`` builds informed masks on every N-th step only and random ones in between (a departure
 from the paper, which masks every step after the switch; default 1 = faithful), cutting the extra pass to
 1/N of the steps.
