@@ -4,6 +4,9 @@ from maelab.masking.context import MaskContext
 from maelab.masking.focused import FocusedMasker  # registers masker type "focused"
 from maelab.masking.maskers import MASKERS, BlockMasker, Masker, RandomMasker, build_masker, nested_plan
 from maelab.masking.plan import MaskPlan
+from maelab.masking.self_guided import SelfGuidedMasker
+
+MASKERS["self_guided"] = SelfGuidedMasker  # self-guided MAE (Shi et al. 2024, §4), in the step
 
 __all__ = [
     "MASKERS",
@@ -13,6 +16,7 @@ __all__ = [
     "MaskPlan",
     "Masker",
     "RandomMasker",
+    "SelfGuidedMasker",
     "build_masker",
     "nested_plan",
 ]

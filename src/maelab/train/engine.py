@@ -231,18 +231,25 @@ def accumulate(
 def report_step(
     run: Run, tracker: Tracker, bar: Any, log_now: bool, metrics: dict[str, float], step_done: int
 ) -> None:
-    """The progress bar every step; with ``log_now``, the metrics (and peak memory) to the tracker, and
-    to the log when there is no bar."""
+    """The progress bar every step; with ``log_now``, the metrics (with peak memory and the masker's own)
+    to the tracker, and to the log when there is no bar."""
     loss, lr, ips = metrics["loss"], metrics["lr"], metrics["images_per_s"]
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}")
     if not log_now:
         return
-    tracker.log_metrics({**metrics, "peak_mem_mb": peak_memory_mb(run.device)}, step_done)
+    extra = {"peak_mem_mb": peak_memory_mb(run.device), **masker_metrics(run.raw)}
+    tracker.log_metrics({**metrics, **extra}, step_done)
     if bar is None:
         total = run.schedule.total_steps
         log.info("step %d/%d loss %.4f lr %.3e %.1f img/s", step_done, total, loss, lr, ips)
+
+
+def masker_metrics(model: nn.Module) -> dict[str, float]:
+    """What the run's masker reports, if it does (self-guided MAE: phase, switch step, exploitation rates)."""
+    report = getattr(getattr(model, "masker", None), "metrics", None)
+    return report() if callable(report) else {}
 
 
 def check_finite(stats: dict[str, float], step: int, checkpoint: Path) -> None:

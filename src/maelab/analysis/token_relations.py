@@ -1,0 +1,130 @@
+"""Token-relation metrics of self-guided MAE's analysis (Shi et al. 2024, §3 and §5.4), as pure functions.
+
+All take one layer's tokens of a batch of images and return the batch mean (a float):
+
+- ``feature_variance`` σ_F and ``similarity_variance`` σ_S (Eq. 3, Table 1): for unit-normalised token
+  features ``x̂_i``, ``σ_F = 1/n Σ_i ||x̂_i - x̄||²`` (the square of a vector read as its squared norm; the
+  per-dimension mean would put Table 1's 0.08 three orders lower) and ``σ_S`` the variance of the
+  off-diagonal cosine similarities ``M_ij, i ≠ j`` around their mean (the mean over the same ``n(n-1)``
+  pairs the variance uses).
+- ``attention_distance`` (ViT, Dosovitskiy et al. 2021, used in §4 and Fig. 7a): the attention-weighted mean
+  distance in patches between each query patch and the patches it attends to, over heads and queries; CLS
+  rows and columns are left out.
+- ``attention_nmi`` (Park et al. 2023, used in §4 / Fig. 6): the normalised mutual information between
+  queries and keys of the joint ``p(q, k) = A_qk / n`` (uniform queries), ``I(Q; K) / sqrt(H(Q) H(K))``;
+  0 for attention that is the same for every query (homogeneous), 1 for a one-to-one map.
+- ``masked_token_variance`` (§5.4, Fig. 7c): the variance across an image's mask tokens of their embeddings
+  at a decoder layer, averaged over the feature dimensions.
+- ``relation_kl`` (Eq. 4): ``D_KL(R_j || R_N)`` of token relations, rows read as distributions: attention
+  rows as they are, cosine rows through a softmax (our choice; the paper does not say how it makes ``M``
+  a distribution); the mean over rows.
+
+``relation_profile`` runs them over every encoder and decoder block of a Pretrainer. The analysis command
+that runs it on checkpoints, writes the picture and the JSON and logs them to MLflow is not written yet.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from maelab.masking.ncut import cosine_matrix
+
+
+def feature_variance(x: Tensor) -> float:
+    """σ_F (Eq. 3) of token features x [B, n, D]."""
+    xn = F.normalize(x.float(), dim=-1)
+    return float((xn - xn.mean(1, keepdim=True)).pow(2).sum(-1).mean())
+
+
+def similarity_variance(x: Tensor) -> float:
+    """σ_S (Eq. 3) of token features x [B, n, D]: variance of the off-diagonal cosine similarities."""
+    m = cosine_matrix(x)  # [B, n, n]
+    n = m.shape[-1]
+    off = ~torch.eye(n, dtype=torch.bool, device=m.device)
+    vals = m[:, off]  # [B, n(n-1)]
+    return float((vals - vals.mean(-1, keepdim=True)).pow(2).mean())
+
+
+def attention_distance(attn: Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> float:
+    """Mean attention distance in patches; attn [B, heads, P+L, P+L] over a ``grid`` of L patches."""
+    p = num_prefix_tokens
+    a = attn[..., p:, p:].float()
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)  # the patch part of each row, renormalised
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], -1).float().to(a.device)  # [L, 2]
+    dist = torch.cdist(pos, pos)  # [L, L]
+    return float((a * dist).sum(-1).mean())
+
+
+def attention_nmi(attn: Tensor) -> float:
+    """NMI between queries and keys of attention maps attn [B, heads, n, n] (rows sum to 1)."""
+    a = attn.float().clamp_min(0)
+    n = a.shape[-1]
+    joint = a / n  # p(q, k), uniform queries
+    pk = joint.sum(-2)  # [B, h, n]: p(k)
+    h_q = math.log(n)
+    h_k = -(pk * pk.clamp_min(1e-12).log()).sum(-1)  # [B, h]
+    mi = (joint * (a.clamp_min(1e-12) / pk.unsqueeze(-2).clamp_min(1e-12)).log()).sum((-1, -2))  # I(Q; K)
+    nmi = mi / (h_q * h_k).clamp_min(1e-12).sqrt()
+    return float(nmi.mean())
+
+
+def masked_token_variance(x: Tensor, mask: Tensor) -> float:
+    """Variance across each image's mask tokens, mean over dims; x [B, L, D] (patch tokens, raster order),
+    mask [B, L] bool (True = mask token)."""
+    x, m = x.float(), mask.to(x.device).unsqueeze(-1).float()  # [B, L, 1]
+    count = m.sum(1).clamp_min(1.0)  # [B, 1]
+    mean = (x * m).sum(1) / count  # [B, D]
+    var = ((x - mean.unsqueeze(1)).pow(2) * m).sum(1) / count  # [B, D] (population variance)
+    return float(var.mean())
+
+
+def relation_kl(r_now: Tensor, r_final: Tensor, kind: str = "attention") -> float:
+    """Eq. 4 for one layer: mean over images and rows of ``KL(R_now || R_final)``; relations [B, (h,) n, n]:
+    ``attention`` rows are distributions already, ``cosine`` rows go through a softmax."""
+    if kind == "cosine":
+        p, q = r_now.float().softmax(-1), r_final.float().softmax(-1)
+    elif kind == "attention":
+        p, q = r_now.float(), r_final.float()
+    else:
+        raise ValueError(f"relation_kl: kind {kind!r} is unknown; choose attention or cosine")
+    kl = (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(-1)
+    return float(kl.mean())
+
+
+@torch.no_grad()
+def relation_profile(model: torch.nn.Module, images: Tensor, plan: Any) -> dict[str, list[float]]:
+    """The metrics per layer of a Pretrainer with a pixel decoder, the ground for Fig. 6 / Fig. 7 / Table 1:
+
+    - ``enc_sigma_f``, ``enc_sigma_s``, ``enc_attention_distance``, ``enc_nmi``: every encoder block on the
+      full image ``E(X)`` (patch tokens, CLS left out of σ);
+    - ``dec_sigma_f``, ``dec_sigma_s``, ``dec_masked_token_variance``: every decoder block in the practical
+      setting ``D([E(X_v); m])`` with ``plan`` (a ``MaskPlan [B, L]``).
+    """
+    encoder = model.encoder
+    blocks = list(range(encoder.depth))
+    _, enc_attn = encoder.forward_attention(images, None, blocks)
+    _, enc_feats = encoder.forward_intermediates(images, None, blocks)
+    out: dict[str, list[float]] = {
+        "enc_sigma_f": [feature_variance(f[:, 1:]) for f in enc_feats],
+        "enc_sigma_s": [similarity_variance(f[:, 1:]) for f in enc_feats],
+        "enc_attention_distance": [attention_distance(enc_attn[i], encoder.grid) for i in blocks],
+        "enc_nmi": [attention_nmi(enc_attn[i]) for i in blocks],
+    }
+    _, head = model.pixel_head()
+    captured: list[Tensor] = []
+    hooks = [blk.register_forward_hook(lambda _m, _a, y: captured.append(y)) for blk in head.decoder_blocks]
+    try:
+        head.decode(encoder.forward_features(images, plan), plan)
+    finally:
+        for h in hooks:
+            h.remove()
+    out["dec_sigma_f"] = [feature_variance(y[:, 1:]) for y in captured]
+    out["dec_sigma_s"] = [similarity_variance(y[:, 1:]) for y in captured]
+    out["dec_masked_token_variance"] = [masked_token_variance(y[:, 1:], plan.mask) for y in captured]
+    return out
