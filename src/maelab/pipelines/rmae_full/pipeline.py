@@ -1,7 +1,7 @@
 """``rmae_full``: raw images -> the side-by-side table. ingest -> regions -> pre-train R-MAE and the MAE
-baseline -> transfer (linear probe, fine-tune, detection, segmentation) for both and a random-init
-encoder -> report, and R-MAE's interactive segmentation. Everything is read from parameters; the data
-flow orders the stages."""
+baseline -> transfer (linear, kNN and segmentation probes, fine-tune, detection, segmentation) for both and
+a random-init encoder, plus the supervised CNN reference -> report, and R-MAE's interactive segmentation.
+Everything is read from parameters; the data flow orders the stages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from maelab.pipelines import ingest, interactive, regions, report, transfer
 from maelab.pipelines.pretrain.pipeline import pretrain_pipeline
 
 PRETRAINED = ("rmae", "mae")
-ENCODERS = (*PRETRAINED, "random_init")
+ENCODERS = (*PRETRAINED, "random_init", "supervised_reference")
 
 
 def create_pipeline(**kwargs) -> Pipeline:

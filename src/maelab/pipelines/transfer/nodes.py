@@ -12,13 +12,17 @@ from maelab.config import deep_merge
 
 log = logging.getLogger(__name__)
 
-TASKS = ("linear_probe", "finetune", "detection", "segmentation")
+TASKS = ("linear_probe", "knn_probe", "seg_probe", "finetune", "detection", "segmentation")
 RUNNERS = {
-    "linear_probe": "maelab.transfer.classification:run_linear_probe",
+    "linear_probe": "maelab.transfer.probes:run_linear_probe_seeds",
+    "knn_probe": "maelab.transfer.probes:run_knn_probe",
+    "seg_probe": "maelab.transfer.probes:run_seg_probe",
     "finetune": "maelab.transfer.classification:run_finetune",
     "detection": "maelab.transfer.detection:run_detection",
     "segmentation": "maelab.transfer.segmentation:run_segmentation",
 }
+SUPERVISED = "supervised_reference"  # an encoder name whose only task is maelab.transfer.supervised
+RUNNERS[SUPERVISED] = "maelab.transfer.supervised:run_supervised_reference"
 
 
 def task_config(transfer: dict[str, Any], task: str) -> dict[str, Any]:
@@ -47,6 +51,10 @@ def run_task(
     import importlib
 
     encoders = transfer.get("encoders", {})
+    if encoder == SUPERVISED:  # the task's ceiling: a CNN trained with labels, reported as its fine-tune row
+        if task != "finetune":
+            return {"status": "disabled"}
+        task, encoders = SUPERVISED, {**encoders, SUPERVISED: None}
     if encoder_path is None and encoder not in encoders:
         raise KeyError(f"parameters transfer.encoders: no entry {encoder!r} (have {sorted(encoders)})")
     cfg = task_config(transfer, task)
