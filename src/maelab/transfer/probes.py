@@ -6,12 +6,12 @@
 - **Linear segmentation probe** (DINOv2, Oquab et al. 2023, §7.4 "linear"): a linear layer on the frozen
   final patch tokens (after BatchNorm, as DINOv2's ``BNHead``) predicts class logits at the patch grid,
   bilinearly upsampled to the label resolution; mIoU at the original mask resolution.
-- **Linear classification probe over seeds**: :func:`maelab.transfer.classification.run_linear_probe` run
-  once per seed.
+- **Linear classification probe over seeds**: MAE's probe head and training
+  (:func:`maelab.transfer.classification.train_linear_probe`), once per seed, on features shared with kNN.
 
 A seed sets the probe's initialisation and shuffling, and the random-init encoder's weights (so the
 ``random_init`` row's spread includes the spread of random encoders). :func:`over_seeds` runs any
-single-seed task per seed and reports every numeric metric ``m`` as the mean, with ``m_std`` (population
+single-seed task per seed and reports every float metric ``m`` as the mean, with ``m_std`` (population
 standard deviation, ``ddof=0``) and ``m_seeds`` (the per-seed values).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,7 @@ from torch.utils.data import DataLoader
 from maelab.models.vit import ViTEncoder
 from maelab.train.schedule import CosineSchedule
 from maelab.transfer.backbone import apply_lr, load_encoder
-from maelab.transfer.classification import (
-    _loaders,
-    evaluate_logits,
-    extract_features,
-    pick_device,
-    run_linear_probe,
-)
+from maelab.transfer.classification import _loaders, evaluate_logits, pick_device, train_linear_probe
 from maelab.transfer.data import IGNORE_INDEX, SegmentationSet, select
 from maelab.transfer.segmentation import confusion_matrix, miou_from_confusion, resolve_num_classes
 
@@ -51,14 +46,14 @@ def over_seeds(
     run: Runner, manifest: pd.DataFrame, encoder_ref: Any, default_config: dict, cfg: dict
 ) -> dict:
     """Run ``run`` once per seed in ``cfg.seeds`` (default ``[cfg.seed]`` or ``[0]``), each with
-    ``cfg.seed`` set; numeric metrics become ``m`` (mean), ``m_std`` and ``m_seeds``; others come from the
+    ``cfg.seed`` set; float metrics become ``m`` (mean), ``m_std`` and ``m_seeds``; others come from the
     first seed."""
     seeds = [int(s) for s in (cfg.get("seeds") or [cfg.get("seed", 0)])]
     t0 = time.perf_counter()
     runs = [run(manifest, encoder_ref, default_config, {**cfg, "seed": s}) for s in seeds]
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
-        if isinstance(first, (int, float)) and not isinstance(first, bool) and key != "seconds":
+        if isinstance(first, float) and key != "seconds":  # metrics; counts (ints) come from the first seed
             values = np.array([float(r[key]) for r in runs])
             out[key] = round(float(values.mean()), 3)
             out[f"{key}_std"] = round(float(values.std()), 3)
@@ -74,6 +69,69 @@ def _encoder(encoder_ref: Any, default_config: dict, cfg: dict, seed: int) -> tu
     torch.manual_seed(seed)  # the random_init encoder's weights
     encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.get("patch_size"))
     return encoder, info, size
+
+
+# Frozen features are the expensive part of every probe. A pre-trained encoder gives the same features for
+# every seed and every probe on the same images, so they are extracted once per process (the Kedro runner
+# runs one encoder's probe nodes in one process) and kept for the next probe; a random init is keyed by seed.
+_FEATURES: dict[tuple, Any] = {}
+_FEATURES_KEEP = 4  # entries (one entry: train + val features of one encoder / seed / view)
+
+
+def _cached(key: tuple, compute: Callable[[], Any]) -> Any:
+    if key not in _FEATURES:
+        while len(_FEATURES) >= _FEATURES_KEEP:
+            _FEATURES.pop(next(iter(_FEATURES)))
+        _FEATURES[key] = compute()
+    return _FEATURES[key]
+
+
+def _feature_key(kind: str, encoder_ref: Any, cfg: dict, seed: int, size: int, rows: int) -> tuple:
+    ref = None if encoder_ref is None else str(encoder_ref)
+    stamp = Path(ref).stat().st_mtime_ns if ref and Path(ref).is_file() else None
+    data = cfg.get("data", {})
+    split = (data.get("train_split"), data.get("eval_split"), tuple(data.get("sources", ())))
+    return (kind, ref, stamp, seed if ref is None else None, size, cfg.get("patch_size"), split, rows)
+
+
+@torch.no_grad()
+def extract_tokens(encoder: ViTEncoder, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Frozen final tokens ``[N, 1+L, D]`` (after the encoder norm) and labels ``[N]``."""
+    encoder.eval().to(device)
+    tokens, labels = [], []
+    for x, y in loader:
+        tokens.append(encoder.forward_features(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(tokens), torch.cat(labels)
+
+
+def pool_tokens(tokens: Tensor, pool: str) -> Tensor:
+    """``cls``: the CLS token; ``mean``: the mean of the patch tokens. [N, 1+L, D] -> [N, D]."""
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"probe pool: expected cls | mean, got {pool!r}")
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
+
+
+def classification_features(
+    manifest: pd.DataFrame, encoder_ref: Any, default_config: dict, cfg: dict
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, dict]:
+    """Frozen final tokens ``[N, 1+L, D]`` of the train and val images (classification eval view), their
+    labels, the class count and the encoder info; cached (see above)."""
+    seed = int(cfg.get("seed", 0))
+    size = int(cfg.get("img_size", default_config.get("img_size", 224)))
+    train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=False, seed=seed)
+
+    def compute() -> tuple:
+        encoder, info, _ = _encoder(encoder_ref, default_config, cfg, seed)
+        device = pick_device(cfg.get("device"))
+        bs = int(cfg.get("extract_batch_size", 128))
+        out = []
+        for dataset in (train_set, val_set):
+            out += extract_tokens(encoder, DataLoader(dataset, bs, num_workers=workers), device)
+        return (*out, num_classes, info)
+
+    key = _feature_key("cls", encoder_ref, cfg, seed, size, len(train_set) * 100_003 + len(val_set))
+    return _cached(key, compute)
 
 
 # ------------------------------------------------------------------------------------------ kNN
@@ -97,21 +155,44 @@ def knn_probe_once(
     manifest: pd.DataFrame, encoder_ref: Any, default_config: dict, cfg: dict
 ) -> dict[str, Any]:
     """One seed of the kNN probe -> ``{"top1", "top5", ...}`` in percent."""
-    t0, seed = time.perf_counter(), int(cfg.get("seed", 0))
-    encoder, info, size = _encoder(encoder_ref, default_config, cfg, seed)
-    device = pick_device(cfg.get("device"))
-    train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=False, seed=seed)
-    bs, pool = int(cfg.get("extract_batch_size", 128)), cfg.get("pool", "mean")
-    train_x, train_y = extract_features(encoder, DataLoader(train_set, bs, num_workers=workers), pool, device)
-    val_x, val_y = extract_features(encoder, DataLoader(val_set, bs, num_workers=workers), pool, device)
+    t0 = time.perf_counter()
+    train_t, train_y, val_t, val_y, num_classes, info = classification_features(
+        manifest, encoder_ref, default_config, cfg
+    )
+    pool = cfg.get("pool", "mean")
+    k, temperature = int(cfg.get("k", 20)), float(cfg.get("temperature", 0.07))
     scores = knn_classify(
-        train_x, train_y, val_x, num_classes, int(cfg.get("k", 20)), float(cfg.get("temperature", 0.07))
+        pool_tokens(train_t, pool), train_y, pool_tokens(val_t, pool), num_classes, k, temperature
     )
     metrics = evaluate_logits(scores, val_y)
     metrics.update(
-        k=int(cfg.get("k", 20)),
-        train_images=len(train_set),
-        val_images=len(val_set),
+        k=k,
+        train_images=len(train_y),
+        val_images=len(val_y),
+        seconds=round(time.perf_counter() - t0, 2),
+        encoder=info["path"],
+    )
+    return metrics
+
+
+def linear_probe_once(
+    manifest: pd.DataFrame, encoder_ref: Any, default_config: dict, cfg: dict
+) -> dict[str, Any]:
+    """One seed of MAE's linear probe (§A.3; the head and its training are
+    :func:`maelab.transfer.classification.train_linear_probe`) on the cached frozen features."""
+    t0, seed = time.perf_counter(), int(cfg.get("seed", 0))
+    train_t, train_y, val_t, val_y, num_classes, info = classification_features(
+        manifest, encoder_ref, default_config, cfg
+    )
+    pool = cfg.get("pool", "cls")
+    head = train_linear_probe(pool_tokens(train_t, pool), train_y, num_classes, cfg, seed)
+    with torch.no_grad():
+        metrics = evaluate_logits(head(pool_tokens(val_t, pool)), val_y)
+    metrics.update(
+        num_classes=num_classes,
+        train_images=len(train_y),
+        val_images=len(val_y),
+        pool=pool,
         seconds=round(time.perf_counter() - t0, 2),
         encoder=info["path"],
     )
@@ -124,8 +205,8 @@ def run_knn_probe(manifest: pd.DataFrame, encoder_ref: Any, default_config: dict
 
 
 def run_linear_probe_seeds(manifest: pd.DataFrame, encoder_ref: Any, default_config: dict, cfg: dict) -> dict:
-    """MAE's linear probe (``run_linear_probe``) over ``cfg.seeds``."""
-    return over_seeds(run_linear_probe, manifest, encoder_ref, default_config, cfg)
+    """MAE's linear probe over ``cfg.seeds`` (features extracted once per encoder, see above)."""
+    return over_seeds(linear_probe_once, manifest, encoder_ref, default_config, cfg)
 
 
 # ----------------------------------------------------------------------- linear segmentation probe
@@ -182,13 +263,18 @@ def seg_probe_once(
         )
     }
     bs = int(cfg.get("extract_batch_size", 128))
-    loader = {
-        s: DataLoader(SegmentationSet(r, size, train=False), bs, collate_fn=collate_eval)
-        for s, r in rows.items()
-    }
-    train_x, train_masks = patch_token_maps(encoder, loader["train"], device, size)
-    train_y = torch.stack(train_masks)  # [N, size, size]
-    val_x, val_masks = patch_token_maps(encoder, loader["val"], device, None)
+
+    def compute() -> tuple:
+        loader = {
+            s: DataLoader(SegmentationSet(r, size, train=False), bs, collate_fn=collate_eval)
+            for s, r in rows.items()
+        }
+        train_x, train_masks = patch_token_maps(encoder, loader["train"], device, size)
+        val_x, val_masks = patch_token_maps(encoder, loader["val"], device, None)
+        return train_x, torch.stack(train_masks), val_x, val_masks  # train masks [N, size, size]
+
+    key = _feature_key("seg", encoder_ref, cfg, seed, size, len(rows["train"]) * 100_003 + len(rows["val"]))
+    train_x, train_y, val_x, val_masks = _cached(key, compute)
 
     torch.manual_seed(seed)
     head = LinearSegHead(train_x.shape[1], num_classes)

@@ -7,7 +7,8 @@ the task is too easy to tell them apart.
 
 The network is a plain VGG-style stack (He et al. 2016's plain baseline, tiny): ``len(widths)`` stages of two
 3x3 conv + BatchNorm + ReLU, 2x2 max-pooling between stages, global average pooling and a linear classifier.
-Training: AdamW, linear warm-up then cosine, random resized crop + flip (``crop_scale``), label smoothing 0.
+Training: AdamW (or SGD with Nesterov momentum), linear warm-up then cosine, random resized crop + flip
+(``crop_scale``), no label smoothing.
 """
 
 from __future__ import annotations
@@ -69,8 +70,12 @@ def supervised_once(
     cfg = {"crop_scale": (0.5, 1.0), **cfg}
     train_set, val_set, num_classes, workers = _loaders(manifest, cfg, size, train_aug=True, seed=seed)
     model = SmallCNN(num_classes, tuple(cfg.get("widths", (16, 32, 64, 64)))).to(device)
-    lr, total = float(cfg.get("lr", 2e-3)), int(cfg.get("steps", 600))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(cfg.get("weight_decay", 0.05)))
+    lr, total = float(cfg.get("lr", 2e-3)), int(cfg.get("steps", 1200))
+    wd = float(cfg.get("weight_decay", 0.05))
+    if cfg.get("optimizer", "adamw") == "sgd":  # SGD + Nesterov momentum
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     sched = CosineSchedule(lr, total, min(int(cfg.get("warmup_steps", 30)), total))
     batches = forever(train_loader(train_set, cfg, 32, seed))
     model.train()

@@ -1,0 +1,99 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from maelab.transfer.probes import LinearSegHead, knn_classify, over_seeds, run_knn_probe, run_seg_probe
+
+_spec = importlib.util.spec_from_file_location("scenes_fixture", Path(__file__).parent / "scenes_fixture.py")
+scenes_fixture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scenes_fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def test_knn_classify_votes_for_the_nearest_labels():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=gen) * 4
+    train_y = torch.arange(4).repeat(25)
+    train_x = centers[train_y] + torch.randn(100, 8, generator=gen)
+    test_y = torch.arange(4).repeat(5)
+    test_x = centers[test_y] + torch.randn(20, 8, generator=gen)
+    scores = knn_classify(train_x, train_y, test_x, 4, k=5)
+    assert scores.shape == (20, 4)
+    assert (scores.argmax(1) == test_y).float().mean() > 0.9
+    # one neighbour: the label of the most similar training feature
+    assert knn_classify(train_x, train_y, train_x[:3], 4, k=1).argmax(1).tolist() == train_y[:3].tolist()
+
+
+def test_over_seeds_reports_mean_std_and_per_seed_values():
+    def run(manifest, ref, default, cfg):
+        return {"top1": 10.0 + cfg["seed"], "pool": "mean", "seconds": 1.0}
+
+    out = over_seeds(run, None, None, {}, {"seeds": [0, 1, 2]})
+    assert out["top1"] == 11.0 and out["top1_seeds"] == [10.0, 11.0, 12.0]
+    assert out["top1_std"] == pytest.approx(0.816, abs=1e-3)
+    assert out["pool"] == "mean" and out["seeds"] == [0, 1, 2]
+
+
+def test_linear_seg_head_is_per_token_linear():
+    head = LinearSegHead(8, 3).eval()
+    x = torch.randn(2, 8, 4, 4)
+    out = head(x)
+    assert out.shape == (2, 3, 4, 4)
+    # a 1x1 conv: each output location depends only on its own token
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 1.0
+    changed = (head(x2) - out).abs().sum(1) > 0
+    assert changed[:, 0, 0].all() and not changed[:, 1:, :].any() and not changed[:, 0, 1:].any()
+
+
+def _pretrain(tmp_path: Path, manifest, name: str, **train) -> Path:
+    """A tiny MAE pre-training through the real engine; returns its encoder file."""
+    from maelab.config import resolve_recipe
+    from maelab.train.engine import train as run_train
+
+    params = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())
+    recipe = resolve_recipe(params, "mae")
+    recipe["encoder"] = dict(TINY)
+    recipe["heads"]["pixel"].update(embed_dim=32, depth=1, num_heads=2)
+    recipe["data"].update(num_workers=0, crop_scale=[0.5, 1.0])
+    recipe["train"].update(
+        steps=120,
+        batch_size=16,
+        warmup_steps=10,
+        blr=4e-2,
+        ckpt_every=1000,
+        image_every=0,
+        log_every=1000,
+        **train,
+    )
+    result = run_train(recipe, manifest, out_dir=tmp_path / name, mlflow={"enabled": False}, progress=False)
+    return Path(result.encoder_path)
+
+
+def test_a_broken_pretraining_scores_like_random_init(tmp_path, monkeypatch):
+    """The report's probes tell a working pre-training from a broken one (lr 0: the encoder never moves)
+    through the same evaluation code: broken = random init within noise, working beyond 3 std of it."""
+    monkeypatch.chdir(tmp_path)
+    manifest = scenes_fixture.make_scenes(tmp_path, n_train=96, n_val=24, size=32)
+    working = _pretrain(tmp_path, manifest, "working")
+    broken = _pretrain(tmp_path, manifest, "broken", lr=0.0)
+    data = {"sources": ["scenes"], "train_split": "train", "eval_split": "val"}
+    seg = {"img_size": 32, "epochs": 15, "batch_size": 16, "lr": 1e-2, "seeds": [0, 1, 2], "data": data}
+    scores = {
+        name: run_seg_probe(manifest, ref, TINY, seg)
+        for name, ref in (("random_init", None), ("broken", str(broken)), ("working", str(working)))
+    }
+    base = scores["random_init"]
+    spread = max(base["pixel_acc_std"], 1e-6)
+    print({k: (v["miou"], v["miou_std"], v["pixel_acc"], v["pixel_acc_std"]) for k, v in scores.items()})
+    assert abs(scores["broken"]["pixel_acc"] - base["pixel_acc"]) <= 3 * spread + 1.0
+    assert abs(scores["working"]["pixel_acc"] - base["pixel_acc"]) > 3 * max(
+        spread, scores["working"]["pixel_acc_std"]
+    )
+    knn = {"img_size": 32, "k": 5, "seeds": [0, 1, 2], "data": data}
+    assert run_knn_probe(manifest, str(broken), TINY, knn)["top1"] >= 0.0  # runs on the same encoder files
