@@ -161,9 +161,11 @@ def knn_probe_once(
     )
     pool = cfg.get("pool", "mean")
     k, temperature = int(cfg.get("k", 20)), float(cfg.get("temperature", 0.07))
-    scores = knn_classify(
-        pool_tokens(train_t, pool), train_y, pool_tokens(val_t, pool), num_classes, k, temperature
-    )
+    train_x, val_x = pool_tokens(train_t, pool), pool_tokens(val_t, pool)
+    if cfg.get("standardize", False):  # z-score with the train statistics (the linear probe's BN does the same)
+        mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+        train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    scores = knn_classify(train_x, train_y, val_x, num_classes, k, temperature)
     metrics = evaluate_logits(scores, val_y)
     metrics.update(
         k=k,
