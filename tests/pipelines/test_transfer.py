@@ -59,7 +59,14 @@ def test_transfer_and_report_end_to_end(kedro_project, kedro_run, monkeypatch):
     for name in ("tiny", "random_init"):
         metrics = json.loads((project / f"data/07_model_output/transfer_{name}.json").read_text())
         tasks = metrics["tasks"]
-        assert set(tasks) == {"linear_probe", "finetune", "detection", "segmentation"}
+        assert set(tasks) == {
+            "linear_probe",
+            "knn_probe",
+            "seg_probe",
+            "finetune",
+            "detection",
+            "segmentation",
+        }
         assert all(t["status"] == "ok" for t in tasks.values())
         assert 0 <= tasks["linear_probe"]["top1"] <= 100 and 0 <= tasks["detection"]["mask_ap"] <= 100
         assert tasks["segmentation"]["num_classes"] == 11  # 10 shapes + background
