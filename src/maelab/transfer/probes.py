@@ -162,7 +162,7 @@ def knn_probe_once(
     pool = cfg.get("pool", "mean")
     k, temperature = int(cfg.get("k", 20)), float(cfg.get("temperature", 0.07))
     train_x, val_x = pool_tokens(train_t, pool), pool_tokens(val_t, pool)
-    if cfg.get("standardize", False):  # z-score with the train statistics (the linear probe's BN does the same)
+    if cfg.get("standardize", False):  # z-score with train statistics, as the linear probe's BN does
         mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
         train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     scores = knn_classify(train_x, train_y, val_x, num_classes, k, temperature)
