@@ -85,7 +85,7 @@ def _pretrain(tmp_path: Path, manifest, name: str, **train) -> Path:
 
 
 def test_a_broken_pretraining_scores_like_random_init(tmp_path, monkeypatch):
-    """Through the same evaluation code as the report, a broken pre-training (lr 0: the encoder never moves
+    """Through the same evaluation code as the report, a broken pre-training (lr ~0: the encoder never moves
     from its initialisation) scores exactly like the random-init row of the same seed, on every probe; a
     working one (same recipe, lr > 0) scores differently.
     At this size the gap is noise-level: the sensitivity of the report is measured on the embedded default
@@ -93,7 +93,9 @@ def test_a_broken_pretraining_scores_like_random_init(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     manifest = scenes_fixture.make_scenes(tmp_path, n_train=64, n_val=32, size=32)
     working = _pretrain(tmp_path, manifest, "working")
-    broken = _pretrain(tmp_path, manifest, "broken", lr=0.0)
+    # broken: lr 1e-30 (the strict schema refuses lr 0). A step moves a weight by about 1e-30, below float32
+    # resolution for any non-zero weight, so the encoder stays at its initialisation (zero biases: ~1e-30)
+    broken = _pretrain(tmp_path, manifest, "broken", lr=1e-30)
     data = {"sources": ["scenes"], "train_split": "train", "eval_split": "val"}
     cfgs = {
         "linear_probe": (run_linear_probe, "top1", {"pool": "mean", "epochs": 10, "warmup_epochs": 1}),
