@@ -51,11 +51,14 @@ def test_rmae_full_joins_its_stages_through_datasets(params):
     free = {d for d in full.inputs() if not d.startswith("params:")}
     assert free == {"region_store_previous", "run_env"}  # every other dataset is made in the run
     report = next(n for n in full.nodes if n.name == "report.build_report")
-    assert report.inputs[-3:] == [
+    assert report.inputs[-4:] == [
         "transfer_rmae_metrics",
         "transfer_mae_metrics",
         "transfer_random_init_metrics",
+        "transfer_supervised_reference_metrics",  # the supervised CNN: its one node is its fine-tune
     ]
+    reference = {n.name for n in full.nodes if n.namespace == "transfer.supervised_reference"}
+    assert reference == {"transfer.supervised_reference.finetune", "transfer.supervised_reference.collect"}
 
 
 def test_a_misspelt_transfer_key_fails_when_the_pipelines_are_made(params):

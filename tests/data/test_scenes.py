@@ -141,3 +141,40 @@ def test_tiny_scenes_terminate_with_one_object_left() -> None:
     cfg = ScenesConfig(size=32)
     for i in range(30):
         assert len(render(cfg, "train", i)["objects"]) >= 1
+
+
+def test_dominant_label_is_the_unoccluded_subject() -> None:
+    """label=dominant: one large subject, painted last (never occluded), is the class; the distractors are
+    smaller and every instance is still annotated."""
+    cfg = ScenesConfig.from_params(
+        {
+            "seed": 2,
+            "size": 64,
+            "label": "dominant",
+            "min_objects": 2,
+            "max_objects": 5,
+            "min_scale": 0.05,
+            "max_scale": 0.12,
+            "min_visible": 12,
+        }
+    )
+    labels = []
+    for i in range(60):
+        scene = render(cfg, "train", i)
+        subjects = [o for o in scene["objects"] if o["subject"]]
+        assert len(subjects) == 1 and scene["objects"][-1] is subjects[0]
+        subject = subjects[0]
+        assert subject["mask"].sum() == subject["full_area"]  # nothing covers it
+        assert all(o["full_area"] < subject["full_area"] for o in scene["objects"][:-1])
+        assert scene["scene_class"] == subject["category_id"]
+        labels.append(scene["scene_class"])
+    assert len(set(labels)) >= 8
+    assert ScenesConfig.from_params({"label": "dominant"}).digest() != ScenesConfig().digest()
+
+
+def test_largest_area_label_is_kept_as_an_option() -> None:
+    scene = render(SMALL, "train", 0)
+    assert not any(o["subject"] for o in scene["objects"])
+    assert scene["scene_class"] == scene_class(scene["objects"])
+    with pytest.raises(ValueError, match="label"):
+        ScenesConfig.from_params({"label": "biggest"})

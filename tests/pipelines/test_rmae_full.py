@@ -72,8 +72,9 @@ def test_rmae_full_goes_from_raw_images_to_the_report(kedro_project: Path, kedro
     data = kedro_project / "data"
     report = json.loads((data / "08_reporting/report.json").read_text())
     rows = {r["recipe"]: r for r in report["rows"]}
-    assert set(rows) == {"rmae", "mae", "random_init"}
-    for recipe in rows:
+    assert set(rows) == {"rmae", "mae", "random_init", "supervised_reference"}
+    assert 0 <= rows["supervised_reference"]["finetune_top1"] <= 100
+    for recipe in ("rmae", "mae", "random_init"):
         for key in ("linear_top1", "finetune_top1", "box_ap", "mask_ap", "miou"):
             assert rows[recipe][key] is not None and 0 <= rows[recipe][key] <= 100, (recipe, key)
     assert rows["rmae"]["gmacs"] > rows["mae"]["gmacs"] > 0  # the region branch costs something

@@ -54,14 +54,25 @@ def scenes(tmp_path, monkeypatch):
 def test_transfer_in_memory(scenes, run_memory) -> None:
     manifest, annotations, enc = scenes
     params = {"transfer": micro_transfer(enc), "recipe_defaults": {"encoder": TINY}}
-    pipe = transfer.create_pipeline(["tiny"], params["transfer"])
+    pipe = transfer.create_pipeline(["tiny", "supervised_reference"], params["transfer"])
+    # the supervised reference is no encoder: one node, its fine-tune row, trains the CNN
+    assert {n.name for n in pipe.nodes if n.namespace == "transfer.supervised_reference"} == {
+        "transfer.supervised_reference.finetune",
+        "transfer.supervised_reference.collect",
+    }
     out = run_memory(pipe, {"manifest": manifest, "coco_annotations": annotations}, params)
     tasks = out["transfer_tiny_metrics"]["tasks"]
-    assert list(tasks) == ["linear_probe", "finetune", "detection", "segmentation"]
+    assert list(tasks) == ["linear_probe", "knn_probe", "seg_probe", "finetune", "detection", "segmentation"]
     assert all(t["status"] == "ok" for t in tasks.values())
     assert 0 <= tasks["linear_probe"]["top1"] <= 100 and 0 <= tasks["detection"]["mask_ap"] <= 100
     assert tasks["segmentation"]["num_classes"] == 11  # 10 shapes + background, from the annotations
+    assert tasks["seg_probe"]["num_classes"] == 11 and 0 <= tasks["seg_probe"]["miou"] <= 100
+    assert "top1_std" in tasks["knn_probe"] and tasks["knn_probe"]["seeds"] == [0]
     assert tasks["finetune"]["encoder"] == str(enc)
+    reference = out["transfer_supervised_reference_metrics"]["tasks"]
+    assert reference["finetune"]["status"] == "ok" and reference["finetune"]["model"] == "SmallCNN"
+    assert 0 <= reference["finetune"]["top1"] <= 100
+    assert all(t == {"status": "disabled"} for name, t in reference.items() if name != "finetune")
 
 
 def test_report_in_memory_rows_follow_the_encoders(run_memory) -> None:
@@ -89,6 +100,8 @@ def test_a_switched_off_task_has_no_node_and_reports_disabled(scenes) -> None:
     pipe = transfer.create_pipeline(["tiny"], params)
     assert {n.name for n in pipe.nodes} == {
         "transfer.tiny.linear_probe",
+        "transfer.tiny.knn_probe",
+        "transfer.tiny.seg_probe",
         "transfer.tiny.finetune",
         "transfer.tiny.segmentation",
         "transfer.tiny.collect",
@@ -97,7 +110,7 @@ def test_a_switched_off_task_has_no_node_and_reports_disabled(scenes) -> None:
         {"top1": 1},
         {"top1": 2},
         encoder="tiny",
-        tasks=list(params["tasks"]),
+        tasks=["linear_probe", "finetune", "detection", "segmentation"],
         ran=["linear_probe", "finetune"],
     )
     assert merged["tasks"]["detection"] == {"status": "disabled"}
@@ -112,6 +125,11 @@ def test_a_misspelt_transfer_key_stops_the_run_naming_key_and_task(scenes) -> No
         transfer.create_pipeline(["tiny"], params)  # when the pipeline is made, before any node runs
     with pytest.raises(ConfigError, match=r"transfer\.tasks\.finetune: unknown key 'layer_decayy'"):
         run_task(manifest, params, {"encoder": TINY}, annotations, encoder="tiny", task="finetune")
+    # a task no listed encoder runs is checked too (the supervised reference's CNN)
+    params = micro_transfer(enc)
+    params["tasks"] = {**params["tasks"], "supervised_reference": {"widthz": [8]}}
+    with pytest.raises(ConfigError, match=r"transfer\.tasks\.supervised_reference: unknown key 'widthz'"):
+        transfer.create_pipeline(["tiny"], params)
 
 
 def test_encoder_reference_and_missing_files(scenes, tmp_path) -> None:

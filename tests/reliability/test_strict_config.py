@@ -27,7 +27,7 @@ def _recipe(params: dict, *sets: str) -> dict:
 
 
 def test_shipped_parameters_pass(params: dict) -> None:
-    for env in (None, "imagenet", "coco", "ade20k"):
+    for env in (None, "imagenet", "coco", "ade20k", "benchmark"):
         check_parameters(load_config("parameters", env, conf_source=REPO / "conf"))
 
 
@@ -74,6 +74,11 @@ def test_misspelt_ingest_key_is_named(params: dict) -> None:
     bad_source = {**params["ingest"], "sources": [{"type": "coco", "root": "x", "panoptc": True}]}
     with pytest.raises(ConfigError, match=r"ingest\.sources\[0\]\.panoptc: unknown key"):
         check_ingest(bad_source)
+    scenes = params["ingest"]["sources"][0]
+    assert scenes["type"] == "scenes" and scenes["label"] == "dominant"  # the scenes label option passes
+    bad_scenes = {**params["ingest"], "sources": [{**scenes, "subject_max_scal": 0.3}]}
+    with pytest.raises(ConfigError, match=r"ingest\.sources\[0\]\.subject_max_scal: unknown key"):
+        check_ingest(bad_scenes)
 
 
 def test_train_cli_stops_before_any_work(tmp_path: Path) -> None:

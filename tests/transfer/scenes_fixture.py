@@ -17,7 +17,10 @@ from maelab.data.scenes import CATEGORIES, ScenesConfig, generate
 SMALL_TASK = {"img_size": 32, "steps": 2, "warmup_steps": 1, "batch_size": 4}
 # transfer.tasks for the micro end-to-end runs: every task, a few steps on 32 px images, tiny heads
 MICRO_TASKS = {
-    "linear_probe": {"img_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
+    "linear_probe": {"img_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8, "seeds": [0]},
+    "knn_probe": {"img_size": 32, "k": 3, "seeds": [0]},
+    "seg_probe": {"img_size": 32, "epochs": 1, "batch_size": 4, "seeds": [0]},
+    "supervised_reference": {**SMALL_TASK, "widths": [8, 8], "seeds": [0]},
     "finetune": SMALL_TASK,
     "detection": {
         **SMALL_TASK,

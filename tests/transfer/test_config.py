@@ -2,10 +2,13 @@ import pytest
 
 from maelab.config import load_config
 from maelab.transfer.config import (
+    TASKS,
     ConfigError,
     DetectionConfig,
     FineTuneConfig,
+    KnnProbeConfig,
     SegmentationConfig,
+    SegProbeConfig,
     task_config,
 )
 
@@ -38,8 +41,24 @@ def test_bad_values_fail_with_the_field():
         task_config("segmentation", {"tasks": {"segmentation": {"data": [1]}}})
 
 
-@pytest.mark.parametrize("env", [None, "coco", "imagenet", "ade20k"])
+@pytest.mark.parametrize("env", [None, "coco", "imagenet", "ade20k", "benchmark"])
 def test_every_configured_env_parses(env):
     transfer = load_config("parameters", env)["transfer"]
-    for task in ("linear_probe", "finetune", "detection", "segmentation"):
+    for task in TASKS:
         task_config(task, transfer)
+
+
+def test_the_probes_hold_their_papers_defaults_and_the_envs_their_budgets():
+    knn = task_config("knn_probe", {})
+    assert isinstance(knn, KnnProbeConfig) and (knn.k, knn.temperature, knn.pool) == (20, 0.07, "cls")
+    assert task_config("linear_probe", {}).seeds == (0,)
+    base = load_config("parameters")["transfer"]
+    assert task_config("linear_probe", base).seeds == (0, 1, 2)
+    # the segmentation probe: off in the embedded default (time budget), on in the benchmark env
+    assert not task_config("seg_probe", base).enabled
+    bench = task_config("seg_probe", load_config("parameters", "benchmark")["transfer"])
+    assert isinstance(bench, SegProbeConfig) and bench.enabled and bench.seeds == (0, 1, 2)
+    with pytest.raises(ConfigError, match=r"knn_probe\.pool: expected cls \| mean"):
+        task_config("knn_probe", {"tasks": {"knn_probe": {"pool": "max"}}})
+    with pytest.raises(ConfigError, match=r"seg_probe: unknown key 'kk'"):
+        task_config("seg_probe", {"tasks": {"seg_probe": {"kk": 3}}})

@@ -1,7 +1,12 @@
 """Paper-style comparison of pre-training variants: one row per encoder (R-MAE Tab. 1 style).
 
-Columns: pre-training GMACs per image (``maelab.analysis.flops.count_gmacs``), linear-probe and
-fine-tune top-1, COCO box / mask AP, ADE20K-style mIoU; accuracies and APs in percent.
+Columns: pre-training GMACs per image (``maelab.analysis.flops.count_gmacs``), linear-probe, kNN and
+fine-tune top-1, COCO box / mask AP, ADE20K-style mIoU, linear-segmentation-probe mIoU; accuracies and APs
+in percent. A metric evaluated over several seeds is the mean, with its standard deviation in
+``<column>_std`` (the Markdown table shows ``mean ± std``).
+
+The supervised reference (``maelab.transfer.supervised``) enters as one more result, named
+``supervised_reference``, whose ``finetune`` task is the CNN's run: its top-1 lands in ``finetune_top1``.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
+REFERENCE = "supervised_reference"  # the CNN trained with labels (maelab.transfer.supervised)
 COLUMN_TITLES = {
     "recipe": "pre-training",
     "gmacs": "GMACs",
     "linear_top1": "lin. top-1",
+    "knn_top1": "kNN top-1",
     "finetune_top1": "ft. top-1",
+    "seg_probe_miou": "lin. seg. mIoU",
     "box_ap": "AP^box",
     "mask_ap": "AP^mask",
     "miou": "mIoU",
@@ -53,12 +61,16 @@ def _metric(result: dict[str, Any], task: str, key: str) -> float | None:
 def build_rows(
     results: dict[str, dict[str, Any]], metric_map: dict[str, list[str]], gmacs: dict[str, float | None]
 ) -> list[dict[str, Any]]:
-    """``[{"recipe": name, "gmacs": ..., <column>: value or None, ...}]`` in the order of ``results``."""
+    """``[{"recipe": name, "gmacs": ..., <column>: value or None, [<column>_std: std,] ...}]`` in the order
+    of ``results``; ``<column>_std`` is there when the task reports ``<metric>_std`` (several seeds)."""
     rows = []
     for name, result in results.items():
         row: dict[str, Any] = {"recipe": name, "gmacs": gmacs.get(name)}
         for column, (task, key) in metric_map.items():
             row[column] = _metric(result, task, key)
+            std = _metric(result, task, f"{key}_std")
+            if std is not None:
+                row[f"{column}_std"] = std
         rows.append(row)
     return rows
 
@@ -67,23 +79,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """A GitHub-Markdown table; missing values as an em dash, the best value per column in bold."""
     if not rows:
         return "_no results_\n"
-    columns = list(rows[0])
-    best = {}
+    columns = [c for c in dict.fromkeys(k for r in rows for k in r) if not c.endswith("_std")]
+    best = {}  # per column, among the encoders (the supervised reference is a ceiling, not a contender)
     for c in columns[2:]:
-        values = [r[c] for r in rows if r[c] is not None]
+        values = [r[c] for r in rows if r.get(c) is not None and r["recipe"] != REFERENCE]
         best[c] = max(values) if values else None
 
-    def cell(c: str, v: Any) -> str:
+    def cell(c: str, r: dict[str, Any]) -> str:
+        v = r.get(c)
         if v is None:
             return "—"
         if c == "recipe":
             return str(v)
         text = f"{v:.1f}" if c != "gmacs" else f"{v:.3g}"
-        return f"**{text}**" if c in best and v == best[c] and len(rows) > 1 else text
+        text = f"**{text}**" if c in best and v == best[c] and len(rows) > 1 else text
+        return f"{text} ± {r[c + '_std']:.1f}" if r.get(f"{c}_std") is not None else text
 
     head = "| " + " | ".join(COLUMN_TITLES.get(c, c) for c in columns) + " |"
     rule = "|" + "|".join(":---" if c == "recipe" else "---:" for c in columns) + "|"
-    body = ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(cell(c, r) for c in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body]) + "\n"
 
 

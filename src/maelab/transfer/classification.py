@@ -3,8 +3,8 @@
 Fine-tune: global average pooling of the patch tokens + ``fc_norm`` + linear head, AdamW with layer-wise
 lr decay, drop path, mixup/cutmix and label smoothing (MAE Tab. 9). Linear probe: the frozen encoder's CLS
 (or mean-pooled) feature -> ``BatchNorm1d(affine=False, eps=1e-6)`` -> ``Linear``, LARS, no weight decay
-(MAE Tab. 10). The probe extracts features once and trains the head on the cached features (no augmentation;
-on CPU this is what makes it cheap).
+(MAE Tab. 10): the head and its training are here (:func:`train_linear_probe`); the task, which extracts
+frozen features once and shares them with the kNN probe, is :func:`maelab.transfer.probes.run_linear_probe`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from maelab.models.vit import ViTEncoder
 from maelab.train.schedule import CosineSchedule
-from maelab.transfer.backbone import apply_lr, load_encoder, task_encoder
+from maelab.transfer.backbone import apply_lr, task_encoder
 from maelab.transfer.config import FineTuneConfig, LinearProbeConfig, TaskConfig
 from maelab.transfer.data import ClassificationSet, select, train_loader
 from maelab.transfer.loop import evaluate, fine_tune, start
@@ -75,22 +75,6 @@ class LinearProbe(nn.Module):
 
     def forward(self, feats: Tensor) -> Tensor:
         return self.fc(self.bn(feats))
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: ViTEncoder, loader: DataLoader, pool: str, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Frozen features [N, D] (``pool``: ``cls`` after the norm, or ``mean`` of patch tokens), labels [N]."""
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"transfer.tasks.linear_probe.pool: expected cls | mean, got {pool!r}")
-    encoder.eval().to(device)
-    feats, labels = [], []
-    for x, y in loader:
-        tokens = encoder.forward_features(x.to(device))  # [B, 1+L, D]
-        feats.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)).float().cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
 
 
 def train_linear_probe(
@@ -152,17 +136,22 @@ def class_count(rows: pd.DataFrame) -> int:
     return int(rows["label"].astype("int64").max()) + 1
 
 
-def _datasets(
-    manifest: pd.DataFrame, cfg: LinearProbeConfig | FineTuneConfig, size: int, train_aug: bool
+def classification_sets(
+    manifest: pd.DataFrame, cfg: TaskConfig, size: int, train_aug: bool
 ) -> tuple[ClassificationSet, ClassificationSet, int]:
+    """The task's train and eval :class:`ClassificationSet` (rows of ``cfg.data``) and the class count.
+    ``train_aug``: the train set draws random resized crops (``cfg.crop_scale``) and flips, plus the
+    task's RandAugment and random erasing when it has them (fine-tune); else both sets are the eval view."""
     data = cfg.data
     train_rows = select(manifest, data.sources, data.train_split, "label", data.max_train_images)
     val_rows = select(manifest, data.sources, data.eval_split, "label", data.max_eval_images)
-    aug = (
-        {"scale": cfg.crop_scale, "rand_augment": cfg.rand_augment, "erase_prob": cfg.erase_prob}
-        if isinstance(cfg, FineTuneConfig)
-        else {}
-    )
+    aug = {}
+    if train_aug:
+        aug = {
+            "scale": cfg.crop_scale,
+            "rand_augment": getattr(cfg, "rand_augment", None),
+            "erase_prob": getattr(cfg, "erase_prob", 0.0),
+        }
     train_set = ClassificationSet(train_rows, size, train=train_aug, seed=cfg.seed, **aug)
     val_set = ClassificationSet(val_rows, size, train=False)
     return train_set, val_set, max(class_count(train_rows), class_count(val_rows))
@@ -171,35 +160,6 @@ def _datasets(
 def task_size(cfg: TaskConfig, default_config: dict[str, Any]) -> int:
     """The task's input size: ``img_size``, else the encoder's pre-training size (224 when unknown)."""
     return int(cfg.img_size or default_config.get("img_size", 224))
-
-
-def run_linear_probe(
-    manifest: pd.DataFrame, encoder_ref: str | None, default_config: dict[str, Any], cfg: LinearProbeConfig
-) -> dict[str, Any]:
-    """Linear probe of a frozen encoder (MAE §A.3) -> ``{"top1", "top5", ...}`` in percent."""
-    t0 = time.perf_counter()
-    device = start(cfg)  # the seed also draws the random_init encoder's weights
-    size = task_size(cfg, default_config)
-    encoder, info = load_encoder(encoder_ref, default_config, img_size=size, patch_size=cfg.patch_size)
-    train_set, val_set, num_classes = _datasets(manifest, cfg, size, train_aug=False)
-    bs, workers = cfg.extract_batch_size, cfg.num_workers
-    train_x, train_y = extract_features(
-        encoder, DataLoader(train_set, bs, num_workers=workers), cfg.pool, device
-    )
-    val_x, val_y = extract_features(encoder, DataLoader(val_set, bs, num_workers=workers), cfg.pool, device)
-    t_feat = time.perf_counter() - t0
-    head = train_linear_probe(train_x, train_y, num_classes, cfg, cfg.seed)
-    metrics = evaluate_logits(head(val_x), val_y)
-    metrics.update(
-        num_classes=num_classes,
-        train_images=len(train_set),
-        val_images=len(val_set),
-        pool=cfg.pool,
-        feature_seconds=round(t_feat, 2),
-        seconds=round(time.perf_counter() - t0, 2),
-        encoder=info["path"],
-    )
-    return metrics
 
 
 def run_finetune(
@@ -216,7 +176,7 @@ def run_finetune(
     np.random.seed(cfg.seed)  # noqa: NPY002
     size = task_size(cfg, default_config)
     encoder, info = task_encoder(encoder_ref, default_config, cfg, size)
-    train_set, val_set, num_classes = _datasets(manifest, cfg, size, train_aug=True)
+    train_set, val_set, num_classes = classification_sets(manifest, cfg, size, train_aug=True)
     model = FineTuneClassifier(encoder, num_classes, global_pool=cfg.global_pool).to(device)
 
     batch = min(cfg.batch_size, len(train_set))

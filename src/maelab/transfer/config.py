@@ -122,8 +122,27 @@ class FineTuneLoopConfig(TaskConfig):
             )
 
 
+def _check_choice(task: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"transfer.tasks.{task}.{name}: expected {' | '.join(choices)}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class LinearProbeConfig(TaskConfig):
+class FrozenProbeConfig(TaskConfig):
+    """A probe on frozen features (:mod:`maelab.transfer.probes`), run once per seed in ``seeds``: every
+    float metric is reported as the mean over seeds, with ``<metric>_std``. A seed also draws the
+    random-init encoder's weights."""
+
+    seeds: tuple[int, ...] = (0,)
+    extract_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError(f"transfer.tasks.{self.TASK}.seeds: expected at least one seed")
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig(FrozenProbeConfig):
     """MAE §A.3 / Tab. 10: frozen encoder, BN(affine=False) + linear, LARS, no weight decay."""
 
     TASK: ClassVar[str] = "linear_probe"
@@ -136,14 +155,31 @@ class LinearProbeConfig(TaskConfig):
     epochs: int = 90
     warmup_epochs: int = 10
     weight_decay: float = 0.0
-    extract_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.pool not in ("cls", "mean"):
-            raise ConfigError(f"transfer.tasks.linear_probe.pool: expected cls | mean, got {self.pool!r}")
-        if self.optimizer not in ("lars", "sgd"):
+        super().__post_init__()
+        _check_choice(self.TASK, "pool", self.pool, ("cls", "mean"))
+        _check_choice(self.TASK, "optimizer", self.optimizer, ("lars", "sgd"))
+
+
+@dataclass(frozen=True)
+class KnnProbeConfig(FrozenProbeConfig):
+    """DINO's weighted kNN (Caron et al. 2021, §4.1 / ``eval_knn``): k 20, temperature 0.07, on the CLS
+    feature, no standardisation."""
+
+    TASK: ClassVar[str] = "knn_probe"
+
+    pool: str = "cls"  # cls | mean
+    k: int = 20
+    temperature: float = 0.07
+    standardize: bool = False  # z-score with train statistics before the cosine (not in DINO)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(self.TASK, "pool", self.pool, ("cls", "mean"))
+        if self.k < 1 or self.temperature <= 0:
             raise ConfigError(
-                f"transfer.tasks.linear_probe.optimizer: expected lars | sgd, got {self.optimizer!r}"
+                f"transfer.tasks.knn_probe: need k >= 1 and temperature > 0, got {self.k}, {self.temperature}"
             )
 
 
@@ -231,10 +267,62 @@ class SegmentationConfig(FineTuneLoopConfig):
     eval_batch_size: int = 8
 
 
+@dataclass(frozen=True)
+class SegProbeConfig(FrozenProbeConfig):
+    """DINOv2's linear segmentation probe (Oquab et al. 2023, §7.4 "linear"): BatchNorm + 1x1 conv on the
+    frozen final patch tokens, logits upsampled bilinearly; AdamW, warm-up then cosine."""
+
+    TASK: ClassVar[str] = "seg_probe"
+    NESTED: ClassVar[dict[str, type]] = {"data": SegmentationData}
+
+    data: SegmentationData = field(default_factory=SegmentationData)
+    epochs: int = 10
+    warmup_epochs: int = 1
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class SupervisedReferenceConfig(TaskConfig):
+    """The supervised reference (:mod:`maelab.transfer.supervised`): a small CNN trained from scratch with
+    the labels, the ceiling of the task at its budget. It takes no encoder: it is the only task of the
+    encoder name ``supervised_reference`` (:data:`SUPERVISED_ENCODER`), reported as that row's fine-tune."""
+
+    TASK: ClassVar[str] = "supervised_reference"
+
+    widths: tuple[int, ...] = (16, 32, 64, 64)  # channels per stage; 2x2 max-pooling between stages
+    steps: int = 1200
+    warmup_steps: int = 60
+    batch_size: int = 32
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.9)
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    seeds: tuple[int, ...] = (0,)
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_choice(self.TASK, "optimizer", self.optimizer, ("adamw", "sgd"))
+        if not self.widths or not self.seeds:
+            raise ConfigError(f"transfer.tasks.{self.TASK}: widths and seeds must not be empty")
+
+
+SUPERVISED_ENCODER = "supervised_reference"  # the encoder name whose only task is SupervisedReferenceConfig
 TASK_CONFIGS: dict[str, type[TaskConfig]] = {
-    c.TASK: c for c in (LinearProbeConfig, FineTuneConfig, DetectionConfig, SegmentationConfig)
+    c.TASK: c
+    for c in (
+        LinearProbeConfig,
+        KnnProbeConfig,
+        SegProbeConfig,
+        FineTuneConfig,
+        DetectionConfig,
+        SegmentationConfig,
+        SupervisedReferenceConfig,
+    )
 }
 TASKS = tuple(TASK_CONFIGS)
+# the tasks every encoder runs (the supervised reference has no encoder to transfer)
+ENCODER_TASKS = tuple(t for t in TASKS if t != SupervisedReferenceConfig.TASK)
 
 
 def task_config(task: str, transfer: dict[str, Any]) -> TaskConfig:

@@ -2,7 +2,8 @@
 
     ingest -> manifest, coco_annotations
     regions -> region_store -> pretrain_<recipe> for every recipe among the compared encoders
-    pretrain_<recipe>_encoder -> transfer (linear probe, fine-tune, detection, segmentation) -> report
+    pretrain_<recipe>_encoder -> transfer (linear, kNN and segmentation probes, fine-tune, detection,
+    segmentation; the supervised CNN reference as an encoder of its own) -> report
     pretrain_<interactive recipe>_recipe / _checkpoint + coco_annotations -> interactive
 
 The registry passes the encoders (``rmae_full.encoders`` in the parameters), which of them are recipes,

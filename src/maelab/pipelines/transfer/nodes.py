@@ -14,15 +14,24 @@ from typing import Any
 import pandas as pd
 
 from maelab.pipelines.coco import instances
-from maelab.transfer.config import DetectionConfig, SegmentationConfig, TaskConfig, task_config
+from maelab.transfer.config import (
+    SUPERVISED_ENCODER,
+    DetectionConfig,
+    SegmentationConfig,
+    SegProbeConfig,
+    SupervisedReferenceConfig,
+    TaskConfig,
+    task_config,
+)
 
 log = logging.getLogger(__name__)
 
 
 def needs_annotations(cfg: TaskConfig) -> bool:
-    """Whether the task reads ``coco_annotations``: detection always; segmentation for its class count."""
+    """Whether the task reads ``coco_annotations``: detection always; the segmentation fine-tune and the
+    linear segmentation probe for their class count."""
     return isinstance(cfg, DetectionConfig) or (
-        isinstance(cfg, SegmentationConfig) and not cfg.data.num_classes
+        isinstance(cfg, SegmentationConfig | SegProbeConfig) and not cfg.data.num_classes
     )
 
 
@@ -34,10 +43,18 @@ def run_task_config(
     coco_annotations: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one typed task config -> its metrics (the task runners, called by name)."""
-    from maelab.transfer import classification, detection, segmentation  # torch: when the node runs
+    from maelab.transfer import classification, detection, probes, segmentation, supervised  # torch: at run
+
+    def train_instances() -> dict[str, Any] | None:  # the class count of the segmentation tasks
+        name = f"instances_{cfg.data.sources[0]}_{cfg.data.train_split}"
+        return instances(coco_annotations or {}, name) if needs_annotations(cfg) else None
 
     if cfg.TASK == "linear_probe":
-        return classification.run_linear_probe(manifest, encoder_ref, encoder_defaults, cfg)
+        return probes.run_linear_probe(manifest, encoder_ref, encoder_defaults, cfg)
+    if cfg.TASK == "knn_probe":
+        return probes.run_knn_probe(manifest, encoder_ref, encoder_defaults, cfg)
+    if cfg.TASK == "seg_probe":
+        return probes.run_seg_probe(manifest, encoder_ref, encoder_defaults, cfg, train_instances())
     if cfg.TASK == "finetune":
         return classification.run_finetune(manifest, encoder_ref, encoder_defaults, cfg)
     if cfg.TASK == "detection":
@@ -46,9 +63,9 @@ def run_task_config(
         val = instances(coco_annotations or {}, f"instances_{data.source}_{data.eval_split}", lvis)
         return detection.run_detection(manifest, encoder_ref, encoder_defaults, cfg, train, val)
     if cfg.TASK == "segmentation":
-        name = f"instances_{cfg.data.sources[0]}_{cfg.data.train_split}"
-        train = instances(coco_annotations or {}, name) if needs_annotations(cfg) else None
-        return segmentation.run_segmentation(manifest, encoder_ref, encoder_defaults, cfg, train)
+        return segmentation.run_segmentation(manifest, encoder_ref, encoder_defaults, cfg, train_instances())
+    if cfg.TASK == "supervised_reference":
+        return supervised.run_supervised_reference(manifest, encoder_ref, encoder_defaults, cfg)
     raise ValueError(f"transfer: no runner for task {cfg.TASK!r}")
 
 
@@ -73,7 +90,13 @@ def run_task(
     encoder: str,
     task: str,
 ) -> dict[str, Any]:
-    """Run ``task`` for encoder ``encoder`` -> ``{"status": "ok", **metrics}`` (or disabled / missing)."""
+    """Run ``task`` for encoder ``encoder`` -> ``{"status": "ok", **metrics}`` (or disabled / missing).
+
+    The encoder ``supervised_reference`` has no encoder file: its ``finetune`` is the supervised CNN
+    (``transfer.tasks.supervised_reference``), the ceiling the report shows in the fine-tune column.
+    """
+    if encoder == SUPERVISED_ENCODER:
+        return run_supervised_reference(manifest, transfer, recipe_defaults, task)
     cfg = task_config(task, transfer)
     if not cfg.enabled:
         return {"status": "disabled"}
@@ -87,6 +110,20 @@ def run_task(
         raise FileNotFoundError(msg)
     log.info("transfer %s / %s", encoder, task)
     metrics = run_task_config(manifest, ref, dict(recipe_defaults.get("encoder", {})), cfg, coco_annotations)
+    return {"status": "ok", **metrics}
+
+
+def run_supervised_reference(
+    manifest: pd.DataFrame, transfer: dict[str, Any], recipe_defaults: dict[str, Any], task: str
+) -> dict[str, Any]:
+    """The ``supervised_reference`` encoder's ``task``: its ``finetune`` is the supervised CNN."""
+    if task != "finetune":
+        raise ValueError(f"transfer: the {SUPERVISED_ENCODER} row has only a finetune task, not {task!r}")
+    cfg = task_config(SupervisedReferenceConfig.TASK, transfer)
+    if not cfg.enabled:
+        return {"status": "disabled"}
+    log.info("transfer %s / %s", SUPERVISED_ENCODER, cfg.TASK)
+    metrics = run_task_config(manifest, None, dict(recipe_defaults.get("encoder", {})), cfg)
     return {"status": "ok", **metrics}
 
 

@@ -4,7 +4,8 @@
         -> <task> -> transfer_<e>_<task> ... -> collect -> transfer_<e>_metrics
 
 The registry builds it from the parameters (``transfer.evaluate``, the enabled tasks); a composed pipeline
-passes ``encoder_inputs`` so transfer reads what pre-training wrote.
+passes ``encoder_inputs`` so transfer reads what pre-training wrote. The name ``supervised_reference`` is
+no encoder: its one node, ``finetune``, trains the supervised CNN (``transfer.tasks.supervised_reference``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from functools import partial, update_wrapper
 from kedro.pipeline import Pipeline, node
 
 from maelab.pipelines.transfer.nodes import collect_metrics, needs_annotations, run_task
-from maelab.transfer.config import TASKS, task_config
+from maelab.transfer.config import ENCODER_TASKS, SUPERVISED_ENCODER, TASKS, task_config
 
 
 def _bind(func, **kwargs):
@@ -43,19 +44,21 @@ def create_pipeline(
     """``transfer``: the parameters' ``transfer`` block (tasks switched off there get no node; their
     metrics say ``disabled``). ``encoder_inputs`` maps an encoder name to the dataset holding its file path
     (e.g. ``pretrain_rmae_encoder``)."""
-    tasks = list(tasks or TASKS)
-    configs = {task: task_config(task, transfer) for task in tasks}  # a misspelt key fails here, at once
+    tasks = list(tasks or ENCODER_TASKS)
+    configs = {task: task_config(task, transfer) for task in TASKS}  # a misspelt key fails here, at once
     ran = [task for task in tasks if configs[task].enabled]
+    reference_ran = ["finetune"] if configs["supervised_reference"].enabled and "finetune" in tasks else []
     encoder_inputs = encoder_inputs or {}
     nodes = []
     for enc in encoders:
-        for task in ran:
+        enc_ran = reference_ran if enc == SUPERVISED_ENCODER else ran
+        for task in enc_ran:
             inputs = {
                 "manifest": "manifest",
                 "transfer": "params:transfer",
                 "recipe_defaults": "params:recipe_defaults",
             }
-            if needs_annotations(configs[task]):
+            if enc != SUPERVISED_ENCODER and needs_annotations(configs[task]):
                 inputs["coco_annotations"] = "coco_annotations"
             if enc in encoder_inputs:
                 inputs["encoder_path"] = encoder_inputs[enc]
@@ -71,8 +74,8 @@ def create_pipeline(
             )
         nodes.append(
             node(
-                _bind(collect_metrics, encoder=enc, tasks=tasks, ran=ran),
-                inputs=[f"transfer_{enc}_{task}" for task in ran],
+                _bind(collect_metrics, encoder=enc, tasks=tasks, ran=enc_ran),
+                inputs=[f"transfer_{enc}_{task}" for task in enc_ran],
                 outputs=metrics_dataset(enc),
                 name="collect",
                 namespace=f"transfer.{enc}",
