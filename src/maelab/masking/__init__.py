@@ -3,6 +3,9 @@
 from maelab.masking.context import MaskContext
 from maelab.masking.maskers import MASKERS, BlockMasker, Masker, RandomMasker, build_masker, nested_plan
 from maelab.masking.plan import MaskPlan
+from maelab.masking.window import WindowMasker, WindowPlan
+
+MASKERS["window"] = WindowMasker  # LoMaR (Chen et al. 2022, §1.4)
 
 __all__ = [
     "MASKERS",
@@ -11,6 +14,8 @@ __all__ = [
     "MaskPlan",
     "Masker",
     "RandomMasker",
+    "WindowMasker",
+    "WindowPlan",
     "build_masker",
     "nested_plan",
 ]
