@@ -105,10 +105,11 @@ class Attention(TimmAttention):
         if self.rel_pos is not None:
             rel = self.rel_pos(q).to(q.dtype)  # [B, h, N, N]
             bias = rel if bias is None else bias + rel
-        if self.record:
+        if self.record or not self.fused_attn:  # explicit: recorded, or seen by FLOP counters
             attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, h, N, N]
             attn = (attn if bias is None else attn + bias).softmax(dim=-1)
-            self.probs = attn.detach()
+            if self.record:
+                self.probs = attn.detach()
             x = self.attn_drop(attn) @ v
         else:
             drop = self.attn_drop.p if self.training else 0.0

@@ -123,8 +123,8 @@ class ViTEncoder(nn.Module):
         self.embed_dim, self.depth, self.num_prefix_tokens = embed_dim, depth, 1
         self.in_chans = in_chans
         self.window_size = int(window_size) if window_size else None
-        if self.window_size and (self.grid[0] % self.window_size or self.grid[1] % self.window_size):
-            raise ValueError(f"encoder.window_size {window_size} must divide the patch grid {self.grid}")
+        if self.window_size and self.window_size > min(self.grid):
+            raise ValueError(f"encoder.window_size {window_size} is larger than the patch grid {self.grid}")
 
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -229,6 +229,11 @@ class ViTEncoder(nn.Module):
         non-overlapping k x k windows (raster order inside each)."""
         if x.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError("encoder.window_size needs every token: set encoder.mask_token with a plan")
+        if self.grid[0] % self.window_size or self.grid[1] % self.window_size:
+            raise ValueError(
+                f"encoder.window_size {self.window_size} must divide the patch grid {self.grid} to partition "
+                "it (a LoMaR window plan places its windows anywhere)"
+            )
         window_ids = getattr(plan, "window_ids", None)
         if window_ids is not None:
             b, n, kk = window_ids.shape

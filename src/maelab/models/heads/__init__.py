@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from maelab.models.heads.base import Head
+from maelab.models.heads.lomar import LomarHead
 from maelab.models.heads.pixel import PixelDecoderHead, masked_mse, normalize_patches, patchify, unpatchify
 from maelab.models.heads.region import RegionHead
 from maelab.models.vit import EncoderSpec
 
-HEADS: dict[str, type[Head]] = {"pixel_decoder": PixelDecoderHead, "region": RegionHead}
+HEADS: dict[str, type[Head]] = {"pixel_decoder": PixelDecoderHead, "region": RegionHead, "lomar": LomarHead}
 
 RESERVED_KEYS = ("type", "weight")
 
@@ -32,6 +33,7 @@ __all__ = [
     "HEADS",
     "EncoderSpec",
     "Head",
+    "LomarHead",
     "PixelDecoderHead",
     "RegionHead",
     "build_head",
