@@ -103,3 +103,13 @@ def test_official_pairing_runs_in_the_step():
     out = model({"image": torch.randn(4, 3, 32, 32)})
     assert isinstance(model.masker, WindowMasker) and out.plan.window_ids.shape == (4, 3, 16)
     assert torch.isfinite(out.loss)
+
+
+def test_training_pictures_show_the_windows():
+    from maelab.analysis.viz import training_pictures
+
+    model = build_pretrainer(RECIPE).eval()
+    batch = _batch(model)
+    with torch.no_grad():
+        pics = training_pictures(model, batch, model(batch))
+    assert set(pics) == {"reconstruction"} and pics["reconstruction"].startswith(b"\x89PNG")
