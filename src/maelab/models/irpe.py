@@ -80,10 +80,13 @@ class ContextualProductRPE(nn.Module):
         nn.init.trunc_normal_(self.table, std=0.02)
         self.register_buffer("buckets", product_buckets(self.grid, self.ratio), persistent=False)  # [N, N]
 
-    def set_grid(self, grid: tuple[int, int]) -> None:
-        """Use the same table on another token grid (a window in pre-training, the full grid in transfer)."""
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.buckets = product_buckets(self.grid, self.ratio).to(self.table.device)
+    def configure(self, grid: tuple[int, int], num_prefix_tokens: int) -> None:
+        """The same table on another token grid and prefix (ViTDet: windows and global blocks, no CLS)."""
+        grid = (int(grid[0]), int(grid[1]))
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        if grid != self.grid or self.buckets.device != self.table.device:
+            self.grid = grid
+            self.buckets = product_buckets(grid, self.ratio).to(self.table.device)
 
     def forward(self, q: Tensor) -> Tensor:
         p = self.num_prefix_tokens
