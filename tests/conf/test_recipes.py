@@ -191,6 +191,7 @@ def test_lomar_imagenet_is_the_papers_recipe(params):
         ("lomar_448", "imagenet", 448, 9),
         ("lomar_ape", "imagenet", 224, 4),
         ("lomar_p8", "imagenet", 224, 4),
+        ("lomar_fig4_mae", "imagenet", 224, 4),
     ],
 )
 def test_lomar_recipes_build_with_matching_windows(params, name, env, img, views):

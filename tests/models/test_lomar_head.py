@@ -113,3 +113,33 @@ def test_training_pictures_show_the_windows():
     with torch.no_grad():
         pics = training_pictures(model, batch, model(batch))
     assert set(pics) == {"reconstruction"} and pics["reconstruction"].startswith(b"\x89PNG")
+
+
+def test_mae_style_encoder_decoder_inside_windows():
+    """Fig. 4: the encoder sees each window's visible tokens only; MAE's decoder restores the window."""
+    torch.manual_seed(5)
+    recipe = {
+        **RECIPE,
+        "encoder": {**ENC, "mask_token": False},
+        "heads": {
+            "pixel": {"type": "lomar", "window": 4, "decoder": {"embed_dim": 16, "depth": 1, "num_heads": 2}}
+        },
+    }
+    model = build_pretrainer(recipe)
+    batch = _batch(model)
+    latent = model.encoder(batch["image"], batch["plan"])
+    assert latent.shape == (6, 1 + 4, 32)  # 16 - int(16 * 0.75) = 4 visible tokens per window
+    out = model(batch)
+    assert out.outputs["pixel"].shape == (2, 48, 48) and torch.isfinite(out.loss)
+    # the masked patches' pixels do not reach the encoder
+    noisy = batch["image"].clone()
+    plan = batch["plan"]
+    visible = set(plan.window_ids[0][~plan.window_mask()[0]].tolist())  # in any window of image 0
+    for idx in set(range(64)) - visible:
+        r, c = divmod(idx, 8)
+        noisy[0, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 10.0
+    assert torch.allclose(model.encoder(noisy, plan), latent, atol=1e-5)
+    out.loss.backward()
+    assert model.heads["pixel"].decoder.mask_token.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="window"):
+        build_pretrainer({**recipe, "heads": {"pixel": {"type": "lomar", "decoder": {"depth": 1}}}})

@@ -68,6 +68,11 @@ class WindowPlan(MaskPlan):
         """[.., n, K^2] bool: True where a window token is masked."""
         return self.mask.reshape(self.window_ids.shape)
 
+    def per_window(self) -> MaskPlan:
+        """The plan of each window on its own, ``[B*n, K^2]`` (kept ids in raster order): what an MAE-style
+        encoder-decoder inside the windows (LoMaR Fig. 4) encodes and restores."""
+        return MaskPlan.from_mask(self.window_mask().reshape(-1, self.window_tokens))
+
 
 def window_grid_ids(grid: Grid, window: int, top: Tensor, left: Tensor) -> Tensor:
     """Grid indices of the ``K x K`` windows with top-left corners ``(top, left)`` (each ``[n]``), raster

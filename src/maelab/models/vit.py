@@ -210,19 +210,24 @@ class ViTEncoder(nn.Module):
     def embed_windows(self, x: Tensor, plan: WindowPlan) -> Tensor:
         """LoMaR (§1.4 "Implementation"): patch tokens [B, L, D] -> [B*n, k*k, D], all k*k tokens of each
         window in raster order, the masked ones replaced by the mask token, positions (if ``abs_pos``) from
-        each token's grid index."""
+        each token's grid index. Without ``mask_token`` (the MAE-style encoder-decoder inside windows of
+        Fig. 4): only each window's visible tokens, [B*n, k*k - masked, D]."""
         b, n, kk = plan.window_ids.shape
-        if self.mask_token is None or self.window_size is None or self.window_size**2 != kk:
+        if self.window_size is None or self.window_size**2 != kk:
             raise ValueError(
-                f"a LoMaR window plan ({n} windows of {kk} tokens) needs encoder.mask_token: true and "
-                f"encoder.window_size: {int(kk**0.5)} (got {self.mask_token is not None}, {self.window_size})"
+                f"a LoMaR window plan ({n} windows of {kk} tokens) needs encoder.window_size "
+                f"{int(kk**0.5)}, got {self.window_size}"
             )
         ids = plan.window_ids.reshape(b, n * kk)  # [B, n*k*k] grid indices
         x = gather_tokens(x, ids)  # [B, n*k*k, D]
-        x = torch.where(plan.mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        if self.mask_token is not None:
+            x = torch.where(plan.mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         if self.abs_pos:
             x = x + gather_tokens(self.pos_embed[:, 1:].expand(b, -1, -1), ids)
-        return x.reshape(b * n, kk, x.shape[-1])
+        x = x.reshape(b * n, kk, x.shape[-1])
+        if self.mask_token is None:  # MAE-style inside the windows (Fig. 4): the visible tokens only
+            x = gather_tokens(x, plan.per_window().ids_keep)  # [B*n, k*k - masked, D]
+        return x
 
     def windows(self, x: Tensor, plan: MaskPlan | None) -> Tensor:
         """[B, L, D] -> [B*n, k*k, D]: the plan's ``window_ids`` [B, n, k*k] if it has them, else the grid's

@@ -8,10 +8,17 @@ encoder's final norm to its ``p*p*C`` pixels with one linear layer (the paper's 
 as MAE) on the masked window tokens only.
 
 Output ``[B, n*K*K, p*p*C]``: window after window, raster order inside a window (the plan's token order).
+
+Fig. 4's alternative, ``decoder: {embed_dim, depth, num_heads}`` with ``window: K``: an MAE-style asymmetric
+encoder-decoder inside each window. The encoder (built without ``mask_token``) sees only a window's visible
+tokens; MAE's pixel decoder (``PixelDecoderHead`` on the ``K x K`` window grid, window-local sin-cos
+positions) puts mask tokens back and predicts every token. The paper finds the simple encoder better, more
+so for small windows (§2.6 "Architecture").
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,18 +26,39 @@ from torch import Tensor, nn
 
 from maelab.masking.plan import MaskPlan
 from maelab.models.heads.base import Head
-from maelab.models.heads.pixel import NORM_PIX_EPS, masked_mse, normalize_patches, patchify, unpatchify
+from maelab.models.heads.pixel import (
+    NORM_PIX_EPS,
+    PixelDecoderHead,
+    masked_mse,
+    normalize_patches,
+    patchify,
+    unpatchify,
+)
 from maelab.models.vit import EncoderSpec, gather_tokens, init_linear_norm
 
 
 class LomarHead(Head):
     """``latent [B*n, 1+K*K, D]`` -> ``pred [B, n*K*K, p*p*C]``; norm-pix MSE on the masked window tokens."""
 
-    def __init__(self, spec: EncoderSpec, norm_pix_loss: bool = True) -> None:
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        norm_pix_loss: bool = True,
+        decoder: dict[str, Any] | None = None,
+        window: int | None = None,
+    ) -> None:
         super().__init__(spec)
         self.norm_pix_loss = bool(norm_pix_loss)
-        self.pred = nn.Linear(spec.embed_dim, spec.patch_size**2 * spec.in_chans)
-        self.apply(init_linear_norm)
+        self.pred: nn.Linear | None = None
+        self.decoder: PixelDecoderHead | None = None
+        if decoder:  # Fig. 4: MAE's decoder inside each K x K window
+            if not window:
+                raise ValueError("heads.<lomar>.decoder needs heads.<lomar>.window (the masker's window K)")
+            wspec = replace(spec, grid=(int(window), int(window)))
+            self.decoder = PixelDecoderHead(wspec, norm_pix_loss=norm_pix_loss, **decoder)
+        else:
+            self.pred = nn.Linear(spec.embed_dim, spec.patch_size**2 * spec.in_chans)
+            self.apply(init_linear_norm)
 
     def plan_needs(self) -> dict[str, str]:
         """Traits the masker's plan must have (checked by ``maelab.models.compat``)."""
@@ -54,12 +82,15 @@ class LomarHead(Head):
         self, latent: Tensor, plan: MaskPlan, batch: dict[str, Any], intermediates: dict[int, Tensor]
     ) -> tuple[Tensor, Tensor]:
         b, n, kk = self.window_ids(plan).shape
-        if latent.shape[:2] != (b * n, 1 + kk):
+        if self.decoder is not None:  # visible tokens in, every window token out (CLS dropped inside)
+            pred = self.decoder.decode(latent, plan.per_window()).reshape(b, n * kk, -1)
+        elif latent.shape[:2] != (b * n, 1 + kk):
             raise ValueError(
                 f"lomar head: encoder output {tuple(latent.shape)} is not {b * n} windows of 1+{kk} tokens; "
                 "the encoder needs mask_token: true and window_size: K"
             )
-        pred = self.pred(latent[:, 1:]).reshape(b, n * kk, -1)  # drop each window's CLS
+        else:
+            pred = self.pred(latent[:, 1:]).reshape(b, n * kk, -1)  # drop each window's CLS
         with torch.autocast(pred.device.type, enabled=False):  # target and loss in fp32
             loss = masked_mse(pred.float(), self.target(batch["image"], plan), plan.mask)
         return loss, pred
