@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--precision", default=None, help="auto | bf16 | fp16 | fp32; several: bf16,fp32")
     train.add_argument("--device", default=None)
+    train.add_argument(
+        "--against", default=None, help="a second recipe run side by side at the same image size (e.g. mae)"
+    )
     train.add_argument("--json", action="store_true")
     regions = bench_sub.add_parser("regions", help="region store throughput and overhead over felzenszwalb")
     regions.add_argument("--env", default=None)

@@ -39,3 +39,36 @@ def test_peak_table_prefers_the_specific_name():
     names = list(PEAK_BF16_TFLOPS)
     assert names.index("H100 PCIe") < names.index("H100")
     assert device_peak_tflops(torch.device("cpu")) is None
+
+
+def test_lomar_against_mae_side_by_side(capsys, monkeypatch):
+    lomar = {
+        **TINY,
+        "name": "lomar",
+        "encoder": {
+            **TINY["encoder"],
+            "img_size": 64,
+            "mask_token": True,
+            "window_size": 4,
+            "rel_pos": "irpe",
+        },
+        "masker": {"type": "window", "ratio": 0.8, "window": 4, "views": 2},
+        "heads": {"pixel": {"type": "lomar"}},
+    }
+    recipes = {"lomar": lomar, "mae": {**TINY, "name": "mae"}}
+    monkeypatch.setattr("maelab.config.load_recipe", lambda name, env=None: recipes[name])
+    args = argparse.Namespace(
+        recipe="lomar",
+        env=None,
+        steps=2,
+        batch_size=2,
+        precision="fp32",
+        device="cpu",
+        json=True,
+        against="mae",
+    )
+    assert train_cli(args) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["recipe"] for r in got["runs"]] == ["lomar", "mae"] and got["img_size"] == 64  # MAE at 64 too
+    ips = [r["results"][0]["images_per_s"] for r in got["runs"]]
+    assert got["speedup"]["fp32"] == ips[0] / ips[1]

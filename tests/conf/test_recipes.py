@@ -158,3 +158,47 @@ def test_tiny_combinations_build_and_a_bad_one_fails_at_start(params):
     bad["heads"]["region"]["mask_ratio"] = 0.9
     with pytest.raises(IncompatibleRecipeError, match="random_order"):
         build_pretrainer(bad)
+
+
+# -- LoMaR (Chen et al. 2022) --------------------------------------------------------------------------
+def test_lomar_imagenet_is_the_papers_recipe(params):
+    r = recipe(params, "lomar", "imagenet")
+    enc, masker, train = r["encoder"], r["masker"], r["train"]
+    assert (enc["img_size"], enc["patch_size"], enc["embed_dim"], enc["depth"]) == (
+        224,
+        16,
+        768,
+        12,
+    )  # ViT-B/16
+    assert (masker["type"], masker["window"], masker["views"], masker["ratio"]) == ("window", 7, 4, 0.8)
+    assert enc["rel_pos"] == "irpe" and enc["abs_pos"] is False and enc["mask_token"] is True
+    assert (train["epochs"], train["warmup_epochs"], train["blr"], train["weight_decay"]) == (
+        400,
+        20,
+        1.5e-4,
+        0.05,
+    )
+    assert effective_batch(r) == 4096
+    assert r["heads"]["pixel"]["type"] == "lomar" and r["heads"]["pixel"]["norm_pix_loss"]
+
+
+@pytest.mark.parametrize(
+    "name,env,img,views",
+    [
+        ("lomar", None, 64, 4),
+        ("lomar", "imagenet", 224, 4),
+        ("lomar_384", "imagenet", 384, 6),
+        ("lomar_448", "imagenet", 448, 9),
+        ("lomar_ape", "imagenet", 224, 4),
+        ("lomar_p8", "imagenet", 224, 4),
+        ("lomar_fig4_mae", "imagenet", 224, 4),
+    ],
+)
+def test_lomar_recipes_build_with_matching_windows(params, name, env, img, views):
+    r = recipe(params, name, env)
+    assert r["encoder"]["img_size"] == img and r["masker"]["views"] == views  # §2.1: 6 at 384, 9 at 448
+    assert r["encoder"]["window_size"] == r["masker"]["window"]
+    if env is None:  # the tiny one builds and runs here; the ViT-B ones are built by the flops tests
+        model = build_pretrainer(r)
+        plan = model.masker(torch.Generator().manual_seed(0))
+        assert plan.window_ids.shape == (views, r["masker"]["window"] ** 2)

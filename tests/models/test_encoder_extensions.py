@@ -66,7 +66,9 @@ def test_mask_tokens_rel_pos_and_windows_shapes():
     with pytest.raises(ValueError, match="mask_token"):
         ViTEncoder(**CFG, window_size=4)(x, plan)  # windows need every token
     with pytest.raises(ValueError, match="window_size"):
-        ViTEncoder(**CFG, window_size=3)
+        ViTEncoder(**CFG, window_size=9)  # larger than the 8 x 8 grid
+    with pytest.raises(ValueError, match="window_size"):
+        ViTEncoder(**CFG, mask_token=True, window_size=3)(x, plan)  # no window plan: must partition the grid
 
 
 def test_rel_pos_bias_learns():

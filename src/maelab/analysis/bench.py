@@ -175,20 +175,60 @@ def bench_train(
     return out
 
 
-def train_cli(args: argparse.Namespace) -> int:
-    from maelab.config import load_recipe
-    from maelab.teachers.build import with_untrained_teachers
+def bench_against(
+    recipe: dict[str, Any],
+    other: dict[str, Any],
+    precisions: list[str],
+    batch_size: int | None = None,
+    steps: int = 20,
+    device: str | None = None,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """``recipe`` and ``other`` side by side in one run (same batch, device, precisions and attention kernel),
+    ``other`` at ``recipe``'s image size; ``speedup`` = recipe images/s / other images/s per precision (e.g.
+    LoMaR against MAE at 384 px, Chen et al. 2022 Table 1). On CPU the second run's peak RSS includes what the
+    first left in the process; on CUDA each peak is its own."""
+    other = {**other, "encoder": {**other["encoder"], "img_size": recipe["encoder"]["img_size"]}}
+    batch_size = int(batch_size or recipe["train"]["batch_size"])
+    first = bench_train(recipe, precisions, batch_size, steps, device, warmup)
+    second = bench_train(other, precisions, batch_size, steps, device, warmup)
+    speedup = {
+        a["precision"]: a["images_per_s"] / b["images_per_s"]
+        for a, b in zip(first["results"], second["results"], strict=True)
+    }
+    return {"runs": [first, second], "speedup": speedup, "img_size": recipe["encoder"]["img_size"]}
 
-    recipe = with_untrained_teachers(load_recipe(args.recipe, args.env))  # speed does not depend on weights
-    precisions = [p.strip() for p in (args.precision or recipe["train"].get("precision", "auto")).split(",")]
-    out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
-    if args.json:
-        print(json.dumps(out))
-        return 0
+
+def _print_run(out: dict[str, Any]) -> None:
     print(f"{out['recipe']} on {out['device']}, batch {out['batch_size']}, median of {out['steps']} steps")
     print(f"{'precision':>9} {'images/s':>9} {'step ms':>9} {'peak MB':>9} {'MFU':>6}")
     for r in out["results"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         ips, ms, mb = r["images_per_s"], r["step_ms"], r["peak_mem_mb"]
         print(f"{r['precision']:>9} {ips:9.2f} {ms:9.1f} {mb:9.0f} {mfu:>6}")
+
+
+def train_cli(args: argparse.Namespace) -> int:
+    from maelab.config import load_recipe
+    from maelab.teachers.build import with_untrained_teachers
+
+    recipe = with_untrained_teachers(load_recipe(args.recipe, args.env))  # speed does not depend on weights
+    precisions = [p.strip() for p in (args.precision or recipe["train"].get("precision", "auto")).split(",")]
+    against = getattr(args, "against", None)
+    if against:
+        other = with_untrained_teachers(load_recipe(against, args.env))
+        out = bench_against(recipe, other, precisions, args.batch_size, args.steps, args.device)
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        for run in out["runs"]:
+            _print_run(run)
+        for precision, ratio in out["speedup"].items():
+            print(f"{args.recipe} / {against} at {out['img_size']} px, {precision}: {ratio:.2f}x images/s")
+        return 0
+    out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    _print_run(out)
     return 0

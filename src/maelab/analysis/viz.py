@@ -102,7 +102,7 @@ def training_pictures(model: nn.Module, batch: dict[str, Any], outputs: Any) -> 
     """PNGs of one training step, ``{name: png}``: ``reconstruction`` (the pixel reconstruction grid) when
     the model reconstructs pixels, and ``<head>`` for every region head (R-MAE's region grid). The engine
     calls this with ``train(..., pictures=training_pictures)``; models only return tensors."""
-    from maelab.models.heads import PixelDecoderHead, RegionHead
+    from maelab.models.heads import LomarHead, PixelDecoderHead, RegionHead
     from maelab.models.heads.region import region_plan
 
     plan = getattr(outputs, "plan", None) or batch["plan"]
@@ -115,6 +115,10 @@ def training_pictures(model: nn.Module, batch: dict[str, Any], outputs: Any) -> 
             batch["image"], model.reconstruct(batch, outputs).float(), plan.mask
         )
     for name, head in heads.items():
+        if isinstance(head, LomarHead) and name in outputs.outputs:  # LoMaR Fig. 6: one column per window
+            pics["reconstruction"] = reconstruction_grid(
+                *head.window_pictures(batch["image"], outputs.outputs[name], plan)
+            )
         if isinstance(head, RegionHead) and name in outputs.outputs:
             rmask = region_plan(plan, head.mask_ratio).mask
             pics[name] = region_grid(

@@ -8,12 +8,11 @@ is then the model. Both kinds get a :class:`~maelab.masking.context.MaskContext`
 steps), so a masker may change with training progress. One masker per run: the model's own
 (``Pretrainer.masker``), which the engine hands to the dataset.
 
-LoMaR (Chen et al. 2022, §3) fits the same shape: a window masker samples ``n`` windows of ``k x k``
-patches and masks a ratio inside each. It returns a ``MaskPlan`` subclass (extra tensor fields survive
-``collate``, ``to`` and FLOP tracing) whose ``mask`` is on the full grid ``[L]`` (True inside a window where
-masked) plus ``window_ids: [n, k*k]``, each window token's index in the grid (raster order in the window).
-An encoder built with ``mask_token=True, window_size=k`` replaces the masked patches by its mask token and
-encodes the ``B * n`` windows as the batch, ``[B*n, 1+k*k, D]`` (see ``maelab.models.vit``).
+LoMaR (Chen et al. 2022, §1.4) fits the same shape: ``maelab.masking.window.WindowMasker`` samples ``n``
+windows of ``k x k`` patches and masks a share inside each; its ``WindowPlan`` (a ``MaskPlan`` subclass) is
+over the ``n*k*k`` window tokens plus ``window_ids: [n, k*k]``, each window token's index in the grid. An
+encoder built with ``mask_token=True, window_size=k`` encodes the ``B * n`` windows as the batch,
+``[B*n, 1+k*k, D]`` (see ``maelab.models.vit``). The package registers it as ``type: window``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from torch import Tensor, nn
 
+from maelab.models.irpe import ContextualProductRPE
+
 
 def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
     """[B, H, W, D] -> [B * nW, window, window, D], zero-padding H, W to multiples of ``window`` (ViTDet)."""
@@ -67,19 +69,29 @@ class RelPosBias(nn.Module):
 class Attention(TimmAttention):
     """timm's ``Attention`` plus two options; with neither it runs timm's own forward (fused SDPA).
 
-    ``add_rel_pos(grid)``: add a :class:`RelPosBias` over this token grid (after the prefix tokens).
+    ``add_rel_pos(grid, kind)``: add a :class:`RelPosBias` (or LoMaR's iRPE) over this token grid (after the
+    prefix tokens), added to the logits as SDPA's float mask.
     ``record = True`` (see :func:`record_attention`): compute ``softmax(q k^T / sqrt(d) + bias)`` explicitly
     and keep it, detached, in ``probs`` ``[B, heads, N, N]``.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.rel_pos: RelPosBias | None = None
+        self.rel_pos: nn.Module | None = None  # q [B, h, N, d] -> additive bias [B, h, N, N]
         self.record = False
         self.probs: Tensor | None = None
 
-    def add_rel_pos(self, grid: tuple[int, int], num_prefix_tokens: int = 1) -> None:
-        self.rel_pos = RelPosBias(grid, self.head_dim, num_prefix_tokens)
+    def add_rel_pos(
+        self, grid: tuple[int, int], num_prefix_tokens: int = 1, kind: str = "decomposed"
+    ) -> None:
+        """``kind``: ``decomposed`` (MViTv2 / ViTDet) or ``irpe`` (iRPE contextual product on keys, shared
+        across heads, LoMaR; :class:`maelab.models.irpe.ContextualProductRPE`)."""
+        if kind == "irpe":
+            self.rel_pos = ContextualProductRPE(grid, self.head_dim, num_prefix_tokens)
+        elif kind == "decomposed":
+            self.rel_pos = RelPosBias(grid, self.head_dim, num_prefix_tokens)
+        else:
+            raise ValueError(f"encoder.rel_pos {kind!r} is unknown; choose decomposed or irpe")
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if not self.record and self.rel_pos is None:
@@ -93,10 +105,11 @@ class Attention(TimmAttention):
         if self.rel_pos is not None:
             rel = self.rel_pos(q).to(q.dtype)  # [B, h, N, N]
             bias = rel if bias is None else bias + rel
-        if self.record:
+        if self.record or not self.fused_attn:  # explicit: recorded, or seen by FLOP counters
             attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, h, N, N]
             attn = (attn if bias is None else attn + bias).softmax(dim=-1)
-            self.probs = attn.detach()
+            if self.record:
+                self.probs = attn.detach()
             x = self.attn_drop(attn) @ v
         else:
             drop = self.attn_drop.p if self.training else 0.0

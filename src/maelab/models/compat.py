@@ -8,9 +8,11 @@ built, so a bad combination fails at start with the reason instead of training o
 Traits so far:
 
 - ``full_grid``: a plan is ``[L]`` over the whole patch grid (``ids_restore`` restores raster order). Every
-  masker so far; the default for a masker that states nothing. LoMaR's window plans (``[n, k*k]`` indices
-  local to each window, see ``maelab.masking.maskers``) will not have it, so a head that needs it (the MAE
-  pixel decoder, R-MAE's region head) cannot go with LoMaR's windows.
+  masker but LoMaR's; the default for a masker that states nothing. LoMaR's window plans (over the ``n*k*k``
+  window tokens, see ``maelab.masking.window``) do not have it, so a head that needs it (the MAE pixel
+  decoder, R-MAE's region head) cannot go with LoMaR's windows.
+- ``windows``: a ``WindowPlan`` (LoMaR's ``n`` windows of ``k x k`` tokens and their grid indices); the
+  LoMaR head needs it.
 - ``random_order``: the plan's shuffle order is uniformly random, so a prefix of it is a random plan too
   (``maelab.masking.nested_plan``: R-MAE's beta_R != beta_I). ``RandomMasker`` has it; the block masker
   keeps raster order and does not.

@@ -11,8 +11,13 @@ Extension points, in the manner of timm's ``VisionTransformer`` (all off by defa
 - ``window_size``: windows of ``k x k`` patches as the batch (LoMaR §3): the plan's ``window_ids``
   ``[B, n, k*k]`` (grid indices of each window's patches, raster order) when it has them, else the
   fixed non-overlapping partition of the grid; every window gets its own CLS token;
-- ``rel_pos``: a decomposed relative position bias in every block over the token grid (a window's grid
-  when windowed), on top of the absolute sin-cos positions (LoMaR §3 uses relative positions);
+- ``rel_pos``: a relative position bias in every block over the token grid (a window's grid when windowed):
+  ``true`` / ``decomposed`` (MViTv2, as ViTDet), or ``irpe``, the iRPE contextual product on keys shared
+  across heads that LoMaR uses (Chen et al. 2022, §1.4 "Implementation"; ``maelab.models.irpe``);
+- ``abs_pos``: add the fixed sin-cos positions (default); LoMaR with iRPE has none, in pre-training or
+  transfer (``abs_pos: false``; its ``pos_embed`` buffer is then zeros, so state dicts keep one layout);
+- a LoMaR ``WindowPlan`` (``maelab.masking.window``): its windows are gathered from the grid first, then its
+  window-token mask puts the mask token in, so a patch in two overlapping windows is masked per window;
 - attention probabilities of chosen blocks: :meth:`ViTEncoder.forward_attention` (the other blocks stay
   fused).
 """
@@ -29,6 +34,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from maelab.masking.plan import MaskPlan
+from maelab.masking.window import WindowPlan
 from maelab.models.attention import Attention, record_attention, window_partition
 
 
@@ -104,7 +110,8 @@ class ViTEncoder(nn.Module):
         attn_layer: Callable[..., nn.Module] = Attention,
         mask_token: bool = False,
         window_size: int | None = None,
-        rel_pos: bool = False,
+        rel_pos: bool | str = False,
+        abs_pos: bool = True,
     ) -> None:
         super().__init__()
         self.img_size, self.patch_size = _pair(img_size), int(patch_size)
@@ -116,16 +123,16 @@ class ViTEncoder(nn.Module):
         self.embed_dim, self.depth, self.num_prefix_tokens = embed_dim, depth, 1
         self.in_chans = in_chans
         self.window_size = int(window_size) if window_size else None
-        if self.window_size and (self.grid[0] % self.window_size or self.grid[1] % self.window_size):
-            raise ValueError(f"encoder.window_size {window_size} must divide the patch grid {self.grid}")
+        if self.window_size and self.window_size > min(self.grid):
+            raise ValueError(f"encoder.window_size {window_size} is larger than the patch grid {self.grid}")
 
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         # fixed, never trained: a buffer, saved in the state dict under the official name
-        self.register_buffer(
-            "pos_embed", sincos_2d(embed_dim, self.grid)[None], persistent=True
-        )  # [1, 1+L, D]
+        self.abs_pos = bool(abs_pos)
+        pos = sincos_2d(embed_dim, self.grid)[None]  # [1, 1+L, D]
+        self.register_buffer("pos_embed", pos if self.abs_pos else torch.zeros_like(pos), persistent=True)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             block_fn(
@@ -139,8 +146,9 @@ class ViTEncoder(nn.Module):
             )
             for i in range(depth)
         )
-        if rel_pos:
-            self.add_rel_pos()
+        self.rel_pos = "decomposed" if rel_pos is True else (rel_pos or None)
+        if self.rel_pos:
+            self.add_rel_pos(self.rel_pos)
         self.norm = norm_layer(embed_dim)
         self.set_fused_attn(fused_attn)
         self.init_weights()
@@ -149,13 +157,13 @@ class ViTEncoder(nn.Module):
     def spec(self) -> EncoderSpec:
         return EncoderSpec(self.embed_dim, self.grid, self.patch_size, self.in_chans, self.num_prefix_tokens)
 
-    def add_rel_pos(self) -> None:
+    def add_rel_pos(self, kind: str = "decomposed") -> None:
         """A relative position bias in every block, over the grid of one sequence (a window's if windowed)."""
         token_grid = (self.window_size,) * 2 if self.window_size else self.grid
         for i, blk in enumerate(self.blocks):
             if not isinstance(blk.attn, Attention):
                 raise TypeError(f"encoder.rel_pos: block {i} attention is {type(blk.attn).__name__}")
-            blk.attn.add_rel_pos(token_grid, self.num_prefix_tokens)
+            blk.attn.add_rel_pos(token_grid, self.num_prefix_tokens, kind)
 
     def set_fused_attn(self, enable: bool) -> None:
         """Fused SDPA (fast) or explicit ``softmax(q k^T) v`` (FLOP counters see the matmuls)."""
@@ -182,21 +190,55 @@ class ViTEncoder(nn.Module):
         With ``mask_token``: [B, 1+L, D], masked patches replaced by the mask token before the positions
         are added; with ``window_size``: [B*n, 1+k*k, D], one sequence per window."""
         x = self.patch_embed(x)  # [B, L, D]
+        if isinstance(plan, WindowPlan):
+            return self.with_cls(self.embed_windows(x, plan))
         if plan is not None and self.mask_token is not None:
             x = torch.where(plan.mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = x + self.pos_embed[:, 1:]  # [B, L, D]
+        if self.abs_pos:
+            x = x + self.pos_embed[:, 1:]  # [B, L, D]
         if plan is not None and self.mask_token is None:
             x = gather_tokens(x, plan.ids_keep)  # [B, L_keep, D]
         if self.window_size:
             x = self.windows(x, plan)  # [B*n, k*k, D]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
+        return self.with_cls(x)
+
+    def with_cls(self, x: Tensor) -> Tensor:
+        """[B', N, D] -> [B', 1+N, D]: the CLS token (plus its zero position) in front of every sequence."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [B', 1, D]
         return torch.cat([cls, x], dim=1)
+
+    def embed_windows(self, x: Tensor, plan: WindowPlan) -> Tensor:
+        """LoMaR (§1.4 "Implementation"): patch tokens [B, L, D] -> [B*n, k*k, D], all k*k tokens of each
+        window in raster order, the masked ones replaced by the mask token, positions (if ``abs_pos``) from
+        each token's grid index. Without ``mask_token`` (the MAE-style encoder-decoder inside windows of
+        Fig. 4): only each window's visible tokens, [B*n, k*k - masked, D]."""
+        b, n, kk = plan.window_ids.shape
+        if self.window_size is None or self.window_size**2 != kk:
+            raise ValueError(
+                f"a LoMaR window plan ({n} windows of {kk} tokens) needs encoder.window_size "
+                f"{int(kk**0.5)}, got {self.window_size}"
+            )
+        ids = plan.window_ids.reshape(b, n * kk)  # [B, n*k*k] grid indices
+        x = gather_tokens(x, ids)  # [B, n*k*k, D]
+        if self.mask_token is not None:
+            x = torch.where(plan.mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        if self.abs_pos:
+            x = x + gather_tokens(self.pos_embed[:, 1:].expand(b, -1, -1), ids)
+        x = x.reshape(b * n, kk, x.shape[-1])
+        if self.mask_token is None:  # MAE-style inside the windows (Fig. 4): the visible tokens only
+            x = gather_tokens(x, plan.per_window().ids_keep)  # [B*n, k*k - masked, D]
+        return x
 
     def windows(self, x: Tensor, plan: MaskPlan | None) -> Tensor:
         """[B, L, D] -> [B*n, k*k, D]: the plan's ``window_ids`` [B, n, k*k] if it has them, else the grid's
         non-overlapping k x k windows (raster order inside each)."""
         if x.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError("encoder.window_size needs every token: set encoder.mask_token with a plan")
+        if self.grid[0] % self.window_size or self.grid[1] % self.window_size:
+            raise ValueError(
+                f"encoder.window_size {self.window_size} must divide the patch grid {self.grid} to partition "
+                "it (a LoMaR window plan places its windows anywhere)"
+            )
         window_ids = getattr(plan, "window_ids", None)
         if window_ids is not None:
             b, n, kk = window_ids.shape

@@ -31,6 +31,8 @@ ENCODER_FIELDS = (
     "num_heads",
     "mlp_ratio",
     "qkv_bias",
+    "rel_pos",  # LoMaR's iRPE travels into every transfer task (Chen et al. 2022, §1.4)
+    "abs_pos",  # and so does its lack of absolute positions
 )
 
 
@@ -172,6 +174,8 @@ def adapt_state_dict(
 ) -> dict[str, Tensor]:
     """Resize a checkpoint's ``pos_embed`` and ``patch_embed.proj.weight`` to ``encoder``'s grid and patch."""
     state = dict(state)
+    if encoder.mask_token is None:  # LoMaR's in-encoder mask token is for pre-training only
+        state.pop("mask_token", None)
     if "pos_embed" in state:
         state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.grid, num_prefix=1)
     key = "patch_embed.proj.weight"

@@ -67,6 +67,20 @@ def to_detectron2(state: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+def refuse_relative_positions(state: dict[str, Tensor], config: dict[str, Any], path: Path, fmt: str) -> None:
+    """An encoder with relative position tables (LoMaR's iRPE, ``rel_pos`` in its config) has no timm or
+    detectron2 layout: timm's ``VisionTransformer`` has no iRPE and ViTDet only its own decomposed bias, so
+    the tables would be dropped and the model silently changed. Refused, saying why."""
+    tables = [k for k in state if ".rel_pos." in k]
+    if tables or config.get("rel_pos"):
+        raise ValueError(
+            f"export: {path} has relative position encoding (encoder.rel_pos = {config.get('rel_pos')!r}, "
+            f"{len(tables)} tables, e.g. LoMaR's iRPE); {fmt} has no layout for it and would drop it. "
+            "Use the maelab file directly (maelab transfer loads its tables), or pre-train with "
+            "encoder.rel_pos: false and abs_pos: true (lomar_ape) to export."
+        )
+
+
 def export_encoder(
     encoder: str | Path, fmt: str, out: str | Path, default_config: dict[str, Any] | None = None
 ) -> Path:
@@ -81,6 +95,7 @@ def export_encoder(
             raise ValueError(f"{path}: no encoder_config in the file's metadata and no default config given")
         config = default_config
     config = {k: v for k, v in config.items() if k in ENCODER_FIELDS}
+    refuse_relative_positions(state, config, path, fmt)
     check_encoder_weights(state, config, path)
     out = Path(out)
     info = {

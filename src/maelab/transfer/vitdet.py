@@ -16,6 +16,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from maelab.models.attention import rel_pos_bias, window_partition, window_unpartition
+from maelab.models.irpe import ContextualProductRPE
 from maelab.models.vit import ViTEncoder
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
@@ -119,6 +120,10 @@ class ViTDetBackbone(nn.Module):
         hh, ww = y.shape[1:3]
         tokens = y.reshape(y.shape[0], hh * ww, -1)  # [B', N, D]
         bias = None
+        if isinstance(
+            getattr(blk.attn, "rel_pos", None), ContextualProductRPE
+        ):  # LoMaR's iRPE: this block's grid, no CLS
+            blk.attn.rel_pos.configure((hh, ww), 0)
         if self.use_rel_pos:
             attn = blk.attn
             q = attn.qkv(tokens)[..., : attn.num_heads * attn.head_dim]

@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from maelab.models.heads.base import Head
+from maelab.models.heads.lomar import LomarHead
 from maelab.models.heads.mimic import DecoderMimicHead, MimicHead
 from maelab.models.heads.pixel import PixelDecoderHead, masked_mse, normalize_patches, patchify, unpatchify
 from maelab.models.heads.region import RegionHead
@@ -16,6 +17,7 @@ HEADS: dict[str, type[Head]] = {
     "region": RegionHead,
     "mimic": MimicHead,
     "decoder_mimic": DecoderMimicHead,
+    "lomar": LomarHead,
 }
 
 RESERVED_KEYS = ("type", "weight")
@@ -42,6 +44,7 @@ __all__ = [
     "DecoderMimicHead",
     "EncoderSpec",
     "Head",
+    "LomarHead",
     "MimicHead",
     "PixelDecoderHead",
     "RegionHead",
