@@ -133,7 +133,7 @@ class ViTEncoder(nn.Module):
         self.abs_pos = bool(abs_pos)
         pos = sincos_2d(embed_dim, self.grid)[None]  # [1, 1+L, D]
         self.register_buffer("pos_embed", pos if self.abs_pos else torch.zeros_like(pos), persistent=True)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also under a meta device
         self.blocks = nn.ModuleList(
             block_fn(
                 embed_dim,

@@ -62,8 +62,13 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     return state, metadata_encoder_config(meta, path), meta
 
 
+MAX_DEPTH = 1024  # deeper "encoders" are metadata that lies
+
+
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every ``ViTEncoder`` state-dict key and its shape for ``config``, computed without building it."""
+    """Every ``ViTEncoder`` state-dict key and its shape for ``config``, asked of the encoder itself built on
+    the ``meta`` device: no tensor memory is allocated, and every option (relative-position tables, ...)
+    is covered. Depths beyond ``MAX_DEPTH`` are refused before anything is built."""
     try:
         size = config.get("img_size", 224)
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -74,39 +79,23 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"encoder_config {config}: {err}") from None
     if min(h, w, p, c, d, depth, hidden) <= 0:
         raise ValueError(f"encoder_config {config}: sizes must be positive")
-    shapes: dict[str, tuple[int, ...]] = {
-        "cls_token": (1, 1, d),
-        "pos_embed": (1, 1 + (h // p) * (w // p), d),
-        "patch_embed.proj.weight": (d, c, p, p),
-        "patch_embed.proj.bias": (d,),
-        "norm.weight": (d,),
-        "norm.bias": (d,),
-    }
-    per_block = {
-        "norm1.weight": (d,),
-        "norm1.bias": (d,),
-        "attn.qkv.weight": (3 * d, d),
-        "attn.proj.weight": (d, d),
-        "attn.proj.bias": (d,),
-        "norm2.weight": (d,),
-        "norm2.bias": (d,),
-        "mlp.fc1.weight": (hidden, d),
-        "mlp.fc1.bias": (hidden,),
-        "mlp.fc2.weight": (d, hidden),
-        "mlp.fc2.bias": (d,),
-    }
-    if config.get("qkv_bias", True):
-        per_block["attn.qkv.bias"] = (3 * d,)
-    for i in range(depth):
-        shapes.update({f"blocks.{i}.{k}": v for k, v in per_block.items()})
-    return shapes
+    if depth > MAX_DEPTH:
+        raise ValueError(f"encoder_config {config}: depth {depth} is over {MAX_DEPTH}")
+    with torch.device("meta"):
+        encoder = build_encoder(config)
+    return {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
 
 
 def check_encoder_weights(state: dict[str, Tensor], config: dict[str, Any], path: str | Path) -> None:
     """The file's tensors are exactly what ``config`` describes (keys, shapes, finite floats): checked
     before any model is built, so metadata that lies cannot make us allocate a model the file cannot fill.
     ``pos_embed`` may hold another square grid (it is interpolated on load)."""
-    want = expected_shapes(config)
+    try:
+        want = expected_shapes(config)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if "mask_token" in state and "mask_token" not in want:  # LoMaR's, for pre-training only (dropped on load)
+        want["mask_token"] = (1, 1, want["cls_token"][-1])
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
     if missing or unexpected:
