@@ -125,6 +125,21 @@ def train_linear_probe(
 
 
 @torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, dataset: Any, batch_size: int, num_workers: int, device: torch.device
+) -> dict[str, Any]:
+    """Top-1 / top-5 (:func:`evaluate_logits`) of ``model`` on every ``(image, label)`` of ``dataset``."""
+    logits, labels = [], []
+
+    def predict(batch_xy: tuple[Tensor, Tensor]) -> None:
+        logits.append(model(batch_xy[0].to(device)).float().cpu())
+        labels.append(batch_xy[1])
+
+    evaluate(model, DataLoader(dataset, batch_size, num_workers=num_workers), predict)
+    return evaluate_logits(torch.cat(logits), torch.cat(labels))
+
+
+@torch.no_grad()
 def evaluate_logits(logits: Tensor, labels: Tensor) -> dict[str, float]:
     top1, top5 = topk_correct(logits, labels)
     n = max(1, len(labels))
@@ -211,14 +226,7 @@ def run_finetune(
     finally:
         np.random.set_state(numpy_state)  # noqa: NPY002
 
-    logits, labels = [], []
-
-    def predict(batch_xy: tuple[Tensor, Tensor]) -> None:
-        logits.append(model(batch_xy[0].to(device)).float().cpu())
-        labels.append(batch_xy[1])
-
-    evaluate(model, DataLoader(val_set, cfg.eval_batch_size, num_workers=cfg.num_workers), predict)
-    metrics = evaluate_logits(torch.cat(logits), torch.cat(labels))
+    metrics = evaluate_classifier(model, val_set, cfg.eval_batch_size, cfg.num_workers, device)
     metrics.update(
         num_classes=num_classes,
         train_images=len(train_set),

@@ -21,14 +21,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from maelab.train.schedule import CosineSchedule
 from maelab.transfer.backbone import apply_lr
-from maelab.transfer.classification import classification_sets, evaluate_logits, task_size
+from maelab.transfer.classification import classification_sets, evaluate_classifier, task_size
 from maelab.transfer.config import SupervisedReferenceConfig
 from maelab.transfer.data import train_loader
-from maelab.transfer.loop import check_finite, evaluate, forever, start
+from maelab.transfer.loop import check_finite, forever, start
 from maelab.transfer.probes import over_seeds
 
 log = logging.getLogger(__name__)
@@ -94,14 +93,7 @@ def supervised_once(
         opt.step()
         if step % max(1, cfg.steps // 5) == 0:
             log.info("supervised reference step %d/%d loss %.4f", step, cfg.steps, loss.item())
-    logits, labels = [], []
-
-    def predict(batch_xy: tuple[Tensor, Tensor]) -> None:
-        logits.append(model(batch_xy[0].to(device)).float().cpu())
-        labels.append(batch_xy[1])
-
-    evaluate(model, DataLoader(val_set, cfg.eval_batch_size, num_workers=cfg.num_workers), predict)
-    metrics = evaluate_logits(torch.cat(logits), torch.cat(labels))
+    metrics = evaluate_classifier(model, val_set, cfg.eval_batch_size, cfg.num_workers, device)
     metrics.update(
         model="SmallCNN",
         widths=list(cfg.widths),
