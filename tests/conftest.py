@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def mlflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project root in tmp_path whose MLflow store is a fresh sqlite db (no server)."""
+    root = tmp_path / "proj"
+    (root / "mlruns").mkdir(parents=True)
+    (root / "conf" / "base").mkdir(parents=True)
+    (root / "conf" / "local").mkdir()
+    shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
+    monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
+    return root
+
+
+@pytest.fixture
 def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A throw-away copy of the project (pyproject + conf, empty data/ and mlruns/), cwd set to it.
 

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENCODER_CFG = {"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 3}
-
-
-@pytest.fixture
-def mlflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project root in tmp_path whose MLflow store is a fresh sqlite db (no server)."""
-    root = tmp_path / "proj"
-    (root / "mlruns").mkdir(parents=True)
-    (root / "conf" / "base").mkdir(parents=True)
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
-    monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(root))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
-    return root
 
 
 def write_encoder(path: Path, cfg: dict | None = None, seed: int = 0) -> Path:

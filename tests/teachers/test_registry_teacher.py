@@ -4,7 +4,6 @@ models:/NAME@ALIAS to a local file and loads as a teacher."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -12,25 +11,17 @@ import torch
 from maelab.orchestration.teachers import resolve_teacher_weights
 from maelab.teachers import build_teacher
 
-REPO = Path(__file__).resolve().parents[2]
 CFG = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
-def test_registry_teacher_resolves_alias(tmp_path, monkeypatch):
+def test_registry_teacher_resolves_alias(mlflow_home):
     import mlflow
     from safetensors.torch import save_file
 
     from maelab.models.vit import build_encoder
     from maelab.orchestration import registry
 
-    root = tmp_path / "proj"
-    (root / "mlruns").mkdir(parents=True)
-    (root / "conf" / "base").mkdir(parents=True)
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
-    monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(root))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
-
+    root = mlflow_home
     torch.manual_seed(0)
     enc = build_encoder(CFG)
     path = root / "encoder.safetensors"
@@ -56,18 +47,11 @@ def test_registry_teacher_resolves_alias(tmp_path, monkeypatch):
     assert teacher(torch.randn(1, 3, 32, 32)).features.shape == (1, 16, 64)
 
 
-def test_unregistered_teacher_says_what_to_run(tmp_path, monkeypatch):
+def test_unregistered_teacher_says_what_to_run(mlflow_home):
     import pytest
 
     from maelab.orchestration.teachers import resolve_weights
 
-    root = tmp_path / "proj"
-    (root / "mlruns").mkdir(parents=True)
-    (root / "conf" / "base").mkdir(parents=True)
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
-    monkeypatch.setenv("MAELAB_PROJECT_ROOT", str(root))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
     with pytest.raises(LookupError, match="kedro run --pipelines=pretrain_mae"):
         resolve_weights("models:/maelab-mae-vit-t8-64-d6@champion")
     assert resolve_weights("some/local/file.pt") == "some/local/file.pt"
