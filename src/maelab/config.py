@@ -1,9 +1,15 @@
 """Read the project's Kedro configuration outside a Kedro session (CLI, ``python -m maelab.train``).
 
-A *recipe* is ``parameters["recipe_defaults"]`` deep-merged with ``parameters["recipes"][NAME]``;
-Kedro environments (``conf/imagenet``, ``conf/coco``, ``conf/local``) override ``conf/base`` key by key.
-The config loader's arguments live here (``settings.py`` reads them), so reading config needs no Kedro
-project settings; the training engine itself never reads config: its callers pass recipe and settings.
+A *recipe* is ``parameters["recipe_defaults"]`` deep-merged with ``parameters["recipes"][NAME]``.
+
+Layers, each overriding the one before key by key (parameters, mlflow) or entry by entry (catalog):
+``conf/base``, then the run env (``--env coco``, ``conf/imagenet``, ...), then ``conf/local`` (machine-local
+paths and URIs, git-ignored), then ``kedro run --params``. Kedro's own loader reads base and one env only;
+:class:`LayeredConfigLoader` adds ``conf/local`` over every env, so a data root in
+``conf/local/parameters_ingest.yml`` works under ``--env coco`` as under the default env.
+The config loader's class and arguments live here (``settings.py`` reads them), so reading config needs
+no Kedro project settings; the training engine itself never reads config: its callers pass recipe and
+settings.
 
 MLflow settings: ``conf/<env>/mlflow.yml`` (``tracking_uri``; ``conf/local`` overrides ``conf/base``),
 overridden by ``$MLFLOW_TRACKING_URI``; relative paths (``sqlite:///mlruns/mlflow.db``) are taken
@@ -18,11 +24,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kedro.config import OmegaConfigLoader
+
 from maelab.paths import PROJECT_ROOT, project_root
 from maelab.recipes import deep_merge, resolve_recipe
 
 __all__ = [
     "CONFIG_LOADER_ARGS",
+    "LOCAL_ENV",
+    "LayeredConfigLoader",
     "PROJECT_ROOT",
     "deep_merge",
     "load_config",
@@ -31,6 +41,40 @@ __all__ = [
     "project_root",
     "resolve_recipe",
 ]
+
+LOCAL_ENV = "local"  # the machine-local layer, read over every run env
+
+
+class LayeredConfigLoader(OmegaConfigLoader):
+    """Kedro's ``OmegaConfigLoader`` plus one layer: ``conf/<overlay_env>`` (``conf/local``) over the run env.
+
+    ``kedro run --env coco`` reads ``conf/base``, then ``conf/coco``, then ``conf/local``, each merged with
+    the key's ``merge_strategy`` (``soft`` for parameters: one leaf overrides one leaf; lists are
+    replaced). With the run env ``local`` itself (Kedro's default) or ``base`` nothing changes.
+    """
+
+    def __init__(self, *args: Any, overlay_env: str | None = LOCAL_ENV, **kwargs: Any) -> None:
+        self.overlay_env = overlay_env  # set first: the parent's constructor already reads "globals"
+        super().__init__(*args, **kwargs)
+
+    def overlay_path(self) -> Path | None:
+        """``conf/<overlay_env>`` when it is read over the run env (it exists and is not the run env)."""
+        run_env = self.env or self.default_run_env
+        if not self.overlay_env or run_env in (self.overlay_env, self.base_env) or self._protocol != "file":
+            return None
+        path = Path(self.conf_source) / self.overlay_env
+        return path if path.is_dir() else None
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        config = super().__getitem__(key)
+        overlay = self.overlay_path()
+        if overlay is None or key not in self.config_patterns or key in getattr(self, "data", {}):
+            return config
+        local = self.load_and_merge_dir_config(
+            str(overlay), self.config_patterns[key], key, set(), key == "credentials"
+        )
+        return self._merge_configs(config, local, key, str(overlay)) if local else config
+
 
 CONFIG_LOADER_ARGS: dict[str, Any] = {
     "base_env": "base",
@@ -50,10 +94,8 @@ def load_config(
     kind: str = "parameters", env: str | None = None, conf_source: str | Path | None = None
 ) -> dict:
     """Load one kind of config (``parameters``, ``catalog``, ``mlflow``) the way ``kedro run --env`` does."""
-    from kedro.config import OmegaConfigLoader
-
     conf_source = Path(conf_source) if conf_source else project_root() / "conf"
-    loader = OmegaConfigLoader(conf_source=str(conf_source), env=env, **CONFIG_LOADER_ARGS)
+    loader = LayeredConfigLoader(conf_source=str(conf_source), env=env, **CONFIG_LOADER_ARGS)
     try:
         return dict(loader[kind])
     except KeyError:

@@ -140,7 +140,7 @@ def _need_dir(cfg: dict, path: Path, what: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"{source_name(cfg)} source: {what} {path} not found (set `root` of this source in "
-            f"conf/local/parameters_ingest.yml)"
+            f"conf/local/parameters_ingest.yml, read over every env: base, coco, imagenet, ...)"
         )
     return path
 
