@@ -7,20 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from maelab.config import deep_merge, project_root
+from maelab.config import project_root
+from maelab.recipes import nest_dotted
 
 log = logging.getLogger(__name__)
-
-
-def nest_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    """``{"train.steps": 2}`` -> ``{"train": {"steps": 2}}`` (what ``kedro run --params`` does with dots)."""
-    out: dict[str, Any] = {}
-    for key, value in (params or {}).items():
-        for part in reversed(str(key).split(".")[1:]):
-            value = {part: value}
-        head = str(key).split(".")[0]
-        out = deep_merge(out, {head: value})
-    return out
 
 
 def run_kedro_pipeline(
@@ -46,7 +36,7 @@ def run_kedro_pipeline(
         raise KeyError(f"no Kedro pipeline {name!r} in {project}: have {sorted(pipelines)}")
     env = env or None
     t0 = time.perf_counter()
-    with KedroSession.create(project_path=project, env=env, runtime_params=nest_params(params)) as session:
+    with KedroSession.create(project_path=project, env=env, runtime_params=nest_dotted(params)) as session:
         outputs = session.run(pipeline_names=[name], namespaces=namespaces or None)
     log.info("kedro pipeline %s (env=%s) finished in %.1f s", name, env or "base", time.perf_counter() - t0)
     return sorted(outputs)

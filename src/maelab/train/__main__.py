@@ -13,26 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from maelab.config import load_recipe, mlflow_settings
+from maelab.recipes import apply_dotlist
 from maelab.schema import check_recipe
 
 
 def apply_sets(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """``train.steps=10`` -> ``recipe["train"]["steps"] = 10`` (values parsed as YAML)."""
-    for item in sets:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected KEY.PATH=VALUE")
-        key, raw = item.split("=", 1)
-        *parents, leaf = key.strip().split(".")
-        node = recipe
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SystemExit(f"--set {item!r}: {part!r} is not a mapping in the recipe")
-        node[leaf] = yaml.safe_load(raw)
-    return recipe
+    """``--set train.steps=10 ...`` applied to the recipe (OmegaConf dotlist; a bad item exits, naming it)."""
+    try:
+        return apply_dotlist(recipe, sets)
+    except ValueError as err:
+        raise SystemExit(f"--set {err}") from err
 
 
 def load_function(spec: str) -> Any:
