@@ -83,6 +83,10 @@ def test_pretrain_mae_in_memory(tmp_path, micro_params, run_memory) -> None:
     assert np.isfinite(report["last_loss"]) and report["mlflow_run_id"] is None
     assert out["pretrain_mae_encoder"] == str(tmp_path / "models/mae/encoder.safetensors")
     assert Path(out["pretrain_mae_encoder"]).is_file() and Path(out["pretrain_mae_checkpoint"]).is_file()
+    assert out["pretrain_mae_checkpoint"] == str(tmp_path / "models/mae/model.safetensors")  # weights only
+    losses = out["pretrain_mae_losses"]
+    assert list(losses["step"]) == [1, 2, 3] and {"loss", "lr", "loss/pixel"} <= set(losses.columns)
+    assert losses["loss"].iloc[-1] > 0
     assert out["pretrain_mae_recipe"]["name"] == "mae" and out["pretrain_mae_recipe"]["encoder"]["depth"] == 2
 
 

@@ -91,6 +91,8 @@ def test_report_in_memory_rows_follow_the_encoders(run_memory) -> None:
     assert [r["recipe"] for r in rows] == ["b", "a"] and rows[0]["linear_top1"] == 40.0
     assert rows[1]["finetune_top1"] is None  # disabled: no figure
     assert out["report_table_md"].startswith("| pre-training") and len(out["report_table_csv"]) == 2
+    assert out["report_metrics_b"]["linear_top1"] == 40.0 and out["report_metrics_a"]["linear_top1"] == 30.0
+    assert "finetune_top1" not in out["report_metrics_a"]  # no figure: DVC shows "-"
 
 
 def test_a_switched_off_task_has_no_node_and_reports_disabled(scenes) -> None:

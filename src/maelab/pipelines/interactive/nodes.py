@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def evaluate_interactive_segmentation(
     recipe: dict[str, Any], checkpoint: str, coco_annotations: dict[str, Any], params: dict[str, Any]
 ) -> tuple[dict[str, Any], Image.Image]:
-    """recipe / checkpoint: the pre-training run's resolved recipe and its ``checkpoint.pt`` path;
+    """recipe / checkpoint: the pre-training run's resolved recipe and its model weights' path
+    (``model.safetensors``, or a ``checkpoint.pt``);
     coco_annotations: the ingest's COCO-format annotations (``params["annotations"]`` names the partition)."""
     from maelab.analysis.interactive import (  # torch: imported when the node runs, not at registry
         evaluate_interactive,

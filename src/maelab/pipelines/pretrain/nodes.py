@@ -1,5 +1,10 @@
 """Pre-training nodes: resolve a recipe from parameters once; train it in-process (one device) or through
-torchrun (``train.devices > 1``) and return the report, the encoder path and the checkpoint path."""
+torchrun (``train.devices > 1``) and return the report, the encoder path, the model path and the losses.
+
+What later stages read is reproducible (DVC hashes it): ``encoder.safetensors`` and ``model.safetensors``
+(the whole pre-training model's weights, sorted headers) and their paths relative to the project root.
+The engine's ``checkpoint.pt`` (optimiser state, RNG, MLflow run id) and ``result.json`` are for resuming
+only; timings and run ids go to the report (a metrics file), per-step losses to a CSV (``dvc plots``)."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from maelab.config import resolve_recipe
+from maelab.config import project_root, resolve_recipe
 from maelab.regions.store import RegionStore
 
 log = logging.getLogger(__name__)
@@ -87,13 +92,45 @@ def with_region_store(recipe: dict[str, Any], region_store: RegionStore | None) 
     return recipe
 
 
+MODEL = "model.safetensors"  # the whole pre-training model's weights, beside encoder.safetensors
+
+
+def project_relative(path: str | Path) -> str:
+    """``path`` relative to the project root when it lies under it (no absolute paths in DVC outs)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def loss_table(history: dict[str, list[float]]) -> pd.DataFrame:
+    """Per-step ``loss``, ``lr`` and ``loss/<head>`` columns with ``step`` from 1 (``dvc plots`` reads it)."""
+    n = len(history.get("loss", []))
+    columns = {k: v for k, v in history.items() if len(v) == n}
+    return pd.DataFrame({"step": range(1, n + 1), **columns})
+
+
+def export_model(checkpoint: str | Path) -> tuple[Path, dict[str, list[float]]]:
+    """Write ``model.safetensors`` (the model's weights only) beside ``checkpoint``; returns its path and
+    the checkpoint's loss history."""
+    from maelab.files import save_safetensors
+    from maelab.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint, required=("model", "history"))
+    path = save_safetensors(
+        Path(checkpoint).with_name(MODEL), state["model"], {"step": str(state.get("step"))}
+    )
+    return path, state["history"]
+
+
 def pretrain(
     manifest: pd.DataFrame,
     recipe: dict[str, Any],
     run_env: str | None,
     region_store: RegionStore | None = None,
-) -> tuple[dict[str, Any], str, str]:
-    """Train a resolved recipe -> (report, encoder path, checkpoint path).
+) -> tuple[dict[str, Any], str, str, pd.DataFrame]:
+    """Train a resolved recipe -> (report, encoder path, model weights path, per-step losses).
 
     run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
     region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
@@ -120,7 +157,8 @@ def pretrain(
         report["wall_s"],
     )
     register(report, recipe, run_env)
-    return report, str(Path(report["encoder_path"])), str(Path(report["checkpoint_path"]))
+    model_path, history = export_model(report["checkpoint_path"])
+    return report, project_relative(report["encoder_path"]), project_relative(model_path), loss_table(history)
 
 
 def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) -> None:

@@ -2,7 +2,8 @@
 
     params:recipes + params:recipe_defaults -> resolve_recipe -> pretrain_<recipe>_recipe
     manifest + pretrain_<recipe>_recipe + run_env [+ region_store] -> train
-        -> pretrain_<recipe>_report, pretrain_<recipe>_encoder, pretrain_<recipe>_checkpoint
+        -> pretrain_<recipe>_report, pretrain_<recipe>_encoder, pretrain_<recipe>_checkpoint,
+           pretrain_<recipe>_losses
 
 The nodes are grouped under the namespace ``pretrain_<recipe>`` (kedro viz); dataset names stay global so a
 composed pipeline (``rmae_full``) connects them to regions, transfer and interactive.
@@ -34,7 +35,12 @@ def create_pipeline(recipe: str, uses_regions: bool = False, **kwargs) -> Pipeli
             node(
                 nodes.pretrain,
                 inputs,
-                [f"pretrain_{recipe}_report", f"pretrain_{recipe}_encoder", f"pretrain_{recipe}_checkpoint"],
+                [
+                    f"pretrain_{recipe}_report",
+                    f"pretrain_{recipe}_encoder",
+                    f"pretrain_{recipe}_checkpoint",
+                    f"pretrain_{recipe}_losses",
+                ],
                 name="train",
             ),
         ],

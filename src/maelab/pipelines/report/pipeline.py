@@ -1,4 +1,5 @@
-"""``report``: ``transfer_<encoder>_metrics`` for every encoder -> report.json, tables, figure."""
+"""``report``: ``transfer_<encoder>_metrics`` for every encoder -> report.json, tables, figure; then
+report.json -> ``report_metrics_<encoder>`` (flat files for ``dvc metrics show``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node
 
+from maelab.analysis.flat_metrics import flat_metrics
 from maelab.pipelines.report.nodes import build_report
 from maelab.pipelines.transfer.pipeline import metrics_dataset
 
@@ -22,6 +24,14 @@ def create_pipeline(encoders: list[str], **kwargs) -> Pipeline:
                 name="build_report",
                 namespace="report",
                 tags=["report"],
-            )
+            ),
+            node(
+                update_wrapper(partial(flat_metrics, encoders=list(encoders)), flat_metrics),
+                inputs="report",
+                outputs=[f"report_metrics_{e}" for e in encoders],
+                name="flat_metrics",
+                namespace="report",
+                tags=["report"],
+            ),
         ]
     )
