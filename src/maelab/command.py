@@ -1,4 +1,10 @@
-"""The ``maelab`` command. Each subcommand lives next to the code it drives; this file only parses."""
+"""maelab: masked-autoencoder pre-training, transfer and analysis on the Kedro project in this directory.
+
+Pipelines run with `kedro run --pipelines=NAME [--env ENV]` (see `kedro registry list`); this command
+trains one recipe, prints the resolved config, benchmarks, and manages encoders. Config comes from
+conf/base, then conf/<env>, then conf/local (machine-local paths and URIs, read over every env).
+Shell completion: `eval "$(maelab completion bash)"` (or zsh).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import sys
 
 # subcommand -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code
 HANDLERS = {
+    "train": "maelab.train.__main__:cli",
+    "config": "maelab.config:cli",
     "flops": "maelab.analysis.flops:cli",
     "bench train": "maelab.analysis.bench:train_cli",
     "bench regions": "maelab.regions.bench:cli",
@@ -16,7 +24,10 @@ HANDLERS = {
     "export": "maelab.transfer.export:cli",
     "segment": "maelab.analysis.interactive:cli",
     "segment-eval": "maelab.analysis.interactive:eval_cli",
+    "completion": "maelab.command:completion_cli",
 }
+ENV_HELP = "Kedro config env over conf/base (imagenet, coco, ade20k, benchmark); default: conf/local only"
+JSON_HELP = "print one JSON object instead of a table"
 
 
 def _quiet_env() -> None:
@@ -28,75 +39,140 @@ def _quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maelab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``maelab train`` (also ``python -m maelab.train``, which torchrun launches)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recipe", help="recipe name in conf/*/parameters_pretrain.yml (e.g. mae, rmae)")
+    src.add_argument(
+        "--recipe-file", help="a resolved recipe as JSON (what the Kedro node passes to torchrun)"
+    )
+    p.add_argument("--env", default=None, help=ENV_HELP)
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe value, OmegaConf dotlist syntax (train.steps=10, masker.ratio=0.6); "
+        "repeatable; an unknown key stops before any work",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/<recipe>/checkpoint.pt")
+    p.add_argument("--manifest", default=None, help="manifest parquet (default: the recipe's data.manifest)")
+    p.add_argument("--out-dir", default=None, help="folder for checkpoint.pt and encoder.safetensors")
+    p.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this global step (keeps the LR schedule)"
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
+    p.add_argument(
+        "--pictures",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="pictures to log, e.g. maelab.analysis.viz:training_pictures",
+    )
+    return p
 
-    flops = sub.add_parser("flops", help="multiply-accumulates of one training forward (fvcore convention)")
-    flops.add_argument("--recipe", required=True)
-    flops.add_argument("--env", default=None, help="Kedro config env, e.g. imagenet")
-    flops.add_argument("--json", action="store_true")
+
+def _sub(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maelab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add_train_arguments(
+        _sub(sub, "train", "pre-train one recipe (alone, or under torchrun for several GPUs)")
+    )
+
+    config = _sub(sub, "config", "print the resolved parameters (conf/base + conf/<env> + conf/local)")
+    config.add_argument("keys", nargs="*", metavar="KEY", help="top-level keys to print (default: all)")
+    config.add_argument("--env", default=None, help=ENV_HELP)
+    config.add_argument("--out", default=None, help="write the YAML to this file instead of stdout")
+
+    flops = _sub(sub, "flops", "multiply-accumulates of one training forward (fvcore convention)")
+    flops.add_argument("--recipe", required=True, help="recipe name")
+    flops.add_argument("--env", default=None, help=ENV_HELP)
+    flops.add_argument("--json", action="store_true", help=JSON_HELP)
     flops.add_argument(
         "--parts", action="store_true", help="also split the count by encoder / head sub-module"
     )
 
-    bench = sub.add_parser("bench", help="throughput benchmarks (medians)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    train = bench_sub.add_parser("train", help="median images/s and peak memory of training steps")
-    train.add_argument("--recipe", required=True)
-    train.add_argument("--env", default=None)
-    train.add_argument("--steps", type=int, default=20)
-    train.add_argument("--batch-size", type=int, default=None)
+    bench = _sub(sub, "bench", "throughput benchmarks (medians)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    train = _sub(bench_sub, "train", "median images/s and peak memory of training steps")
+    train.add_argument("--recipe", required=True, help="recipe name")
+    train.add_argument("--env", default=None, help=ENV_HELP)
+    train.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
+    train.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
     train.add_argument("--precision", default=None, help="auto | bf16 | fp16 | fp32; several: bf16,fp32")
-    train.add_argument("--device", default=None)
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the best available)")
     train.add_argument(
         "--against", default=None, help="a second recipe run side by side at the same image size (e.g. mae)"
     )
-    train.add_argument("--json", action="store_true")
-    regions = bench_sub.add_parser("regions", help="region store throughput and overhead over felzenszwalb")
-    regions.add_argument("--env", default=None)
-    regions.add_argument("--images", type=int, default=8)
-    regions.add_argument("--json", action="store_true")
+    train.add_argument("--json", action="store_true", help=JSON_HELP)
+    regions = _sub(bench_sub, "regions", "region store throughput and overhead over felzenszwalb")
+    regions.add_argument("--env", default=None, help=ENV_HELP)
+    regions.add_argument("--images", type=int, default=8, help="images to time")
+    regions.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    registry = sub.add_parser("registry", help="MLflow model registry")
-    reg_sub = registry.add_subparsers(dest="action", required=True)
-    reg_sub.add_parser("list")
-    get = reg_sub.add_parser("get")
+    registry = _sub(sub, "registry", "MLflow model registry: registered encoders and their aliases")
+    reg_sub = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _sub(reg_sub, "list", "every registered encoder with its versions and aliases")
+    get = _sub(reg_sub, "get", "one version's run, source and tags")
     get.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
-    promote = reg_sub.add_parser("promote")
-    promote.add_argument("name")
-    promote.add_argument("version")
-    promote.add_argument("alias")
+    promote = _sub(reg_sub, "promote", "point an alias (e.g. champion) at a version")
+    promote.add_argument("name", help="registered model name, e.g. maelab-mae-vit_tiny")
+    promote.add_argument("version", help="version number")
+    promote.add_argument("alias", help="alias to set, e.g. champion")
 
-    export = sub.add_parser("export", help="write an encoder in timm's or detectron2 ViTDet's key layout")
+    export = _sub(sub, "export", "write an encoder in timm's or detectron2 ViTDet's key layout")
     export.add_argument("--encoder", required=True, help="safetensors path, models:/NAME@ALIAS or runs:/...")
-    export.add_argument("--format", choices=["timm", "detectron2"], default="timm")
-    export.add_argument("--out", required=True)
-    export.add_argument("--env", default=None)
+    export.add_argument("--format", choices=["timm", "detectron2"], default="timm", help="key layout")
+    export.add_argument("--out", required=True, help="output file")
+    export.add_argument("--env", default=None, help=ENV_HELP)
 
-    seg = sub.add_parser("segment", help="interactive segmentation with a pre-trained R-MAE (paper §4.2)")
-    seg.add_argument("--recipe", required=True)
-    seg.add_argument("--env", default=None)
-    seg.add_argument("--checkpoint", required=True)
-    seg.add_argument("--image", required=True)
+    seg = _sub(sub, "segment", "interactive segmentation with a pre-trained R-MAE (paper §4.2)")
+    seg.add_argument("--recipe", required=True, help="the R-MAE recipe the checkpoint was trained with")
+    seg.add_argument("--env", default=None, help=ENV_HELP)
+    seg.add_argument("--checkpoint", required=True, help="model.safetensors or checkpoint.pt of that recipe")
+    seg.add_argument("--image", required=True, help="image file")
     seg.add_argument("--patches", required=True, help="prompt patch indices, raster order: i,j,...")
     seg.add_argument("--negative", default="", help="background patch indices")
-    seg.add_argument("--image-visible", choices=["all", "prompt"], default="all")
+    seg.add_argument(
+        "--image-visible", choices=["all", "prompt"], default="all", help="image patches the decoder sees"
+    )
     seg.add_argument("--out", required=True, help="PNG of the predicted region")
 
-    ev = sub.add_parser("segment-eval", help="interactive-segmentation IoU against the prompt-union baseline")
-    ev.add_argument("--recipe", required=True)
-    ev.add_argument("--env", default=None)
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--annotations", default="data/03_primary/instances_scenes_val.json")
-    ev.add_argument("--root", default="data/01_raw/scenes")
-    ev.add_argument("--kind", choices=["clicks", "reveal"], default="clicks")
-    ev.add_argument("--amount", type=float, default=2)
-    ev.add_argument("--image-visible", choices=["all", "prompt"], default="all")
-    ev.add_argument("--limit", type=int, default=100)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", action="store_true")
+    ev = _sub(sub, "segment-eval", "interactive-segmentation IoU against the prompt-union baseline")
+    ev.add_argument("--recipe", required=True, help="the R-MAE recipe the checkpoint was trained with")
+    ev.add_argument("--env", default=None, help=ENV_HELP)
+    ev.add_argument("--checkpoint", required=True, help="model.safetensors or checkpoint.pt of that recipe")
+    ev.add_argument(
+        "--annotations", default="data/03_primary/instances_scenes_val.json", help="COCO instances JSON"
+    )
+    ev.add_argument("--root", default="data/01_raw/scenes", help="folder the annotations' file names are in")
+    ev.add_argument("--kind", choices=["clicks", "reveal"], default="clicks", help="how prompts are drawn")
+    ev.add_argument("--amount", type=float, default=2, help="clicks per object, or the revealed fraction")
+    ev.add_argument(
+        "--image-visible", choices=["all", "prompt"], default="all", help="image patches the decoder sees"
+    )
+    ev.add_argument("--limit", type=int, default=100, help="at most this many images")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the prompt draws")
+    ev.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    completion = _sub(sub, "completion", "print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"], help='e.g. eval "$(maelab completion bash)"')
     return parser
+
+
+def completion_cli(args: argparse.Namespace) -> int:
+    """``maelab completion bash|zsh``: the completion script of this parser (generated by shtab)."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

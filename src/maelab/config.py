@@ -35,6 +35,7 @@ __all__ = [
     "LayeredConfigLoader",
     "PROJECT_ROOT",
     "deep_merge",
+    "cli",
     "load_config",
     "load_recipe",
     "mlflow_settings",
@@ -137,3 +138,32 @@ def mlflow_settings(env: str | None = None, cfg: Mapping[str, Any] | None = None
         "experiment": cfg.get("experiment", "maelab"),
         "enabled": bool(cfg.get("enabled", True)),
     }
+
+
+def cli(args) -> int:
+    """``maelab config [KEY ...] [--env ENV] [--out FILE]``: the parameters a run of ``ENV`` sees, as YAML.
+
+    DVC's ``config`` stage writes them to ``data/02_intermediate/parameters_resolved.yml``, which each stage
+    tracks key by key, so an override in ``conf/<env>`` or ``conf/local`` reruns exactly its stages.
+    """
+    import yaml
+
+    params = load_config("parameters", args.env)
+    missing = [k for k in args.keys if k not in params]
+    if missing:
+        raise SystemExit(f"maelab config: no parameter {missing[0]!r} (have {sorted(params)})")
+    chosen = {k: params[k] for k in args.keys} if args.keys else params
+    envs = ["base"] if args.env == "base" else ["base", args.env or LOCAL_ENV, LOCAL_ENV]
+    layers = " + ".join(f"conf/{e}" for e in dict.fromkeys(envs))
+    text = f"# resolved parameters: {layers} (maelab config)\n" + yaml.safe_dump(
+        chosen, sort_keys=False, allow_unicode=True
+    )
+    if not args.out:
+        print(text, end="")
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return 0

@@ -1,6 +1,7 @@
-"""``python -m maelab.train --recipe NAME [--env ENV] [--set train.steps=10 ...] [--resume]``.
+"""``maelab train`` (or ``python -m maelab.train``) ``--recipe NAME [--env ENV] [--set K=V] [--resume]``.
 
-Runs alone or under ``torchrun --nproc_per_node=N`` (also multi-node with ``--rdzv-backend=c10d``).
+Runs alone or under ``torchrun --nproc_per_node=N -m maelab.train`` (also multi-node with
+``--rdzv-backend=c10d``). The options are ``maelab.command.add_train_arguments``.
 """
 
 from __future__ import annotations
@@ -36,38 +37,23 @@ def load_function(spec: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m maelab.train", description=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--recipe", help="recipe name in parameters_pretrain.yml")
-    src.add_argument(
-        "--recipe-file", type=Path, help="a resolved recipe as JSON (what the Kedro node passes)"
-    )
-    p.add_argument("--env", default=None, help="Kedro config env (imagenet, coco, local)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--manifest", type=Path, default=None, help="manifest parquet (default: data.manifest)")
-    p.add_argument("--out-dir", type=Path, default=None)
-    p.add_argument(
-        "--stop-after", type=int, default=None, help="stop after this global step (keeps the schedule)"
-    )
-    p.add_argument("--no-mlflow", action="store_true")
-    p.add_argument(
-        "--pictures",
-        default=None,
-        metavar="MODULE:FUNCTION",
-        help="pictures to log, e.g. maelab.analysis.viz:training_pictures",
-    )
-    return p
+    from maelab.command import add_train_arguments
+
+    return add_train_arguments(argparse.ArgumentParser(prog="python -m maelab.train", description=__doc__))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return cli(build_parser().parse_args(argv))
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Train ``args.recipe`` (or ``args.recipe_file``); rank 0 prints the report as JSON."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
     if args.recipe_file:
-        recipe = json.loads(args.recipe_file.read_text())
+        recipe = json.loads(Path(args.recipe_file).read_text())
     else:
         recipe = load_recipe(args.recipe, args.env)
     recipe = apply_sets(recipe, args.sets)
@@ -85,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     from maelab.train.data import read_manifest
     from maelab.train.engine import train
 
-    manifest = read_manifest(args.manifest) if args.manifest else None
+    manifest = read_manifest(Path(args.manifest)) if args.manifest else None
     try:
         result = train(
             recipe,
             manifest,
             resume=args.resume or None,
-            out_dir=args.out_dir,
+            out_dir=Path(args.out_dir) if args.out_dir else None,
             stop_after=args.stop_after,
             mlflow=None if args.no_mlflow else mlflow_settings(args.env),
             pictures=load_function(args.pictures) if args.pictures else None,
