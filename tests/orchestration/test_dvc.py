@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from maelab.config import load_config
+
 REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
@@ -90,7 +92,12 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
     (root / "conf" / "local").mkdir()
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())["kedro"]
-    assert set(spec["stages"]) == {"ingest", "regions", "pretrain", "transfer", "report", "interactive"}
+    assert {"config", "ingest", "regions", "pretrain", "transfer", "report", "interactive"} <= set(
+        spec["stages"]
+    )
+    resolved = root / "data" / "02_intermediate" / "parameters_resolved.yml"  # what the config stage writes
+    resolved.parent.mkdir(parents=True)
+    resolved.write_text(yaml.safe_dump(load_config("parameters", params["env"], REPO / "conf")))
 
     def placeholder(path: str) -> None:
         path = path.replace("${kedro.env}", params["env"])
@@ -112,12 +119,21 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
                 placeholder(dep.replace("${item}", str(item)))
 
     out = _run(root, DVC, "repro", "--dry")
-    stages = ["ingest", "regions", "pretrain@mae", "pretrain@rmae", "transfer", "report", "interactive"]
+    stages = [
+        "config",
+        "ingest",
+        "regions",
+        "pretrain@mae",
+        "pretrain@rmae",
+        "transfer",
+        "report",
+        "interactive",
+    ]
     for stage in stages:
         assert f"Running stage '{stage}'" in out, out
     order = [out.index(f"Running stage '{s}'") for s in stages]
-    assert order[0] < order[1] < min(order[2:4]) and max(order[2:4]) < order[4] < order[5]
-    assert order[3] < order[6]  # interactive segmentation reads the R-MAE checkpoint
+    assert order[0] < order[1] < order[2] < min(order[3:5]) and max(order[3:5]) < order[5] < order[6]
+    assert order[4] < order[7]  # interactive segmentation reads the R-MAE model
     assert f"kedro run --pipelines=pretrain_rmae --env={params['env']}" in out
 
 
@@ -125,3 +141,27 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
 def test_default_remote_is_configured(section: str):
     config = (REPO / ".dvc" / "config").read_text()
     assert {"core": "remote = local", "remote": "url = ../../maelab-dvc-remote"}[section] in config
+
+
+def test_dvc_yaml_tracks_what_stages_read_and_writes_what_dvc_shows() -> None:
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    catalog = load_config("catalog", "base", REPO / "conf")
+    stages = spec["stages"]
+    resolved = "data/02_intermediate/parameters_resolved.yml"
+    assert stages["config"]["outs"] == [resolved] and "conf/${kedro.env}" in stages["config"]["deps"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        if name != "config":  # parameters come key by key from the resolved file, never a whole conf folder
+            assert [next(iter(p)) for p in body["params"]] == [resolved], name
+            assert not any(d in ("conf", "conf/base", "conf/${kedro.env}") for d in body["deps"]), name
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in body.get("outs", [])]
+        assert not any(o.endswith(("checkpoint.pt", "result.json")) or o.startswith("/") for o in outs), name
+    assert stages["ingest"]["params"] == [{resolved: ["ingest"]}]
+    pretrain_outs = stages["pretrain"]["do"]["outs"]
+    losses = catalog["pretrain_{recipe}_losses"]["filepath"].replace("{recipe}", "${item}")
+    assert losses in pretrain_outs and "data/06_models/pretrain/${item}/model.safetensors" in pretrain_outs
+    metrics_dir = str(Path(catalog["report_metrics_{encoder}"]["filepath"]).parent)
+    assert spec["metrics"] == [metrics_dir] and metrics_dir in stages["report"]["outs"]
+    plotted = spec["plots"][0]["pretraining_loss"]["y"]
+    recipes = yaml.safe_load((REPO / "params.yaml").read_text())["kedro"]["recipes"]
+    assert set(plotted) == {losses.replace("${item}", r) for r in recipes}
