@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from maelab.files import atomic_write
 from maelab.pools import worker_pool
+from maelab.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +233,12 @@ def probe_many(
 ) -> list[Probe]:
     """:func:`probe` every ``(path, mask_path)`` in a process pool (``workers <= 1``: in-process)."""
     args = [(p, m, min_side, limits) for p, m in jobs]
-    bar = dict(total=len(args), desc=desc, unit="img", mininterval=0.5, disable=not args)
+    bar = dict(total=len(args), desc=desc, unit="img", mininterval=0.5, enabled=bool(args))
     if workers <= 1 or len(args) < 64:
-        return [probe(*a) for a in tqdm(args, **bar)]
+        return [probe(*a) for a in track(args, **bar)]
     chunk = max(1, min(64, len(args) // (workers * 8)))
     with worker_pool(workers) as pool:
-        return list(tqdm(pool.map(_probe_star, args, chunksize=chunk), **bar))
+        return list(track(pool.map(_probe_star, args, chunksize=chunk), **bar))
 
 
 # --------------------------------------------------------------------------------------------- cache

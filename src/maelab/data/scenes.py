@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from tqdm.auto import tqdm
 
 from maelab.data.cocojson import write_json
 from maelab.files import atomic_write_text
 from maelab.pools import worker_pool
+from maelab.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -365,11 +365,11 @@ def generate(root: str | Path, cfg: ScenesConfig, workers: int = 2) -> dict[str,
         (root / "masks" / split).mkdir(parents=True, exist_ok=True)
     bar = dict(total=len(jobs), desc="scenes", unit="img", mininterval=0.5)
     if workers <= 1 or len(jobs) < 64:
-        results = [_write_one(j) for j in tqdm(jobs, **bar)]
+        results = [_write_one(j) for j in track(jobs, **bar)]
     else:
         with worker_pool(workers) as pool:
             chunk = max(1, min(32, len(jobs) // (workers * 8)))
-            results = list(tqdm(pool.map(_write_one, jobs, chunksize=chunk), **bar))
+            results = list(track(pool.map(_write_one, jobs, chunksize=chunk), **bar))
     files = []
     for split in cfg.splits:
         split_results = [res for job, res in zip(jobs, results, strict=True) if job[2] == split]

@@ -21,10 +21,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from maelab.data.manifest import image_path
 from maelab.pools import worker_pool
+from maelab.progress import progress as progress_bar
 from maelab.regions.sources import RegionSource, read_rgb
 from maelab.regions.store import SourceStore, encode, make_records, write_shard
 
@@ -121,9 +121,7 @@ def build_source(
                 store.commit(drop=dropped)
         todo = pending(rows, store.index, source.fingerprint)
         chunks = [_records(todo.iloc[i : i + shard_size]) for i in range(0, len(todo), shard_size)]
-        bar = tqdm(
-            total=len(todo), desc=f"regions[{source.name}]", unit="img", disable=not progress or not len(todo)
-        )
+        bar = progress_bar(len(todo), f"regions[{source.name}]", "img", enabled=bool(progress and len(todo)))
         try:
             if workers == 0:
                 for chunk in chunks:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from maelab.progress import on_terminal, progress
 from maelab.train.distributed import pick_device
 from maelab.train.schedule import CosineSchedule, resolve_steps
 from maelab.transfer.backbone import adamw, apply_lr, param_groups_lrd
@@ -130,6 +131,7 @@ def fine_tune(
 
     model.train()
     batches, loss = forever(loader), None
+    bar = progress(total, task, "step", enabled=on_terminal())  # a bar on a terminal; log lines elsewhere
     for step in range(total):
         apply_lr(opt, schedule(step))
         opt.zero_grad(set_to_none=True)
@@ -140,8 +142,12 @@ def fine_tune(
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), float(cfg.clip_grad))
         opt.step()
+        bar.update(1)
         if step % max(1, total // 5) == 0:
-            log.info("%s step %d/%d loss %.4f", task, step, total, loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if not on_terminal():
+                log.info("%s step %d/%d loss %.4f", task, step, total, loss.item())
+    bar.close()
     final = round(float(loss.item()), 4) if loss is not None else None
     return FitResult(total, final, time.perf_counter() - t0)
 

@@ -8,6 +8,7 @@ key and the task. Annotations come from the ``coco_annotations`` dataset, the en
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,19 @@ def run_task(
             return {"status": "missing", "reason": msg}
         raise FileNotFoundError(msg)
     log.info("transfer %s / %s", encoder, task)
+    t0 = time.perf_counter()
     metrics = run_task_config(manifest, ref, dict(recipe_defaults.get("encoder", {})), cfg, coco_annotations)
+    log.info(result_line(encoder, task, metrics, time.perf_counter() - t0))
     return {"status": "ok", **metrics}
+
+
+HEADLINE = ("top1", "top5", "box_ap", "mask_ap", "miou", "ap", "final_loss")  # what a result line shows
+
+
+def result_line(encoder: str, task: str, metrics: dict[str, Any], seconds: float) -> str:
+    """``transfer mae / linear_probe: top1 20.75, top5 68.08 (12.3 s)``: one line per finished task."""
+    shown = [f"{k} {metrics[k]:.4g}" for k in HEADLINE if isinstance(metrics.get(k), int | float)]
+    return f"transfer {encoder} / {task}: {', '.join(shown) or 'done'} ({seconds:.1f} s)"
 
 
 def run_supervised_reference(
@@ -123,7 +135,9 @@ def run_supervised_reference(
     if not cfg.enabled:
         return {"status": "disabled"}
     log.info("transfer %s / %s", SUPERVISED_ENCODER, cfg.TASK)
+    t0 = time.perf_counter()
     metrics = run_task_config(manifest, None, dict(recipe_defaults.get("encoder", {})), cfg)
+    log.info(result_line(SUPERVISED_ENCODER, cfg.TASK, metrics, time.perf_counter() - t0))
     return {"status": "ok", **metrics}
 
 
