@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 RUN_PIPELINE ?= $(shell $(BIN)/python -c "from maelab.pipeline_registry import register_pipelines as r; \
   p = r(); print(next(n for n in ('rmae_full', 'pretrain_mae', 'ingest') if n in p))" 2>/dev/null)
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format clean viz mlflow
 
 setup: $(STAMP)
 
@@ -26,6 +26,18 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(BIN)/kedro run --pipelines=$(RUN_PIPELINE)
+
+# where to look: the pipelines (kedro-viz) and the runs / registered encoders (MLflow UI), on this machine
+HOST ?= 127.0.0.1
+VIZ_PORT ?= 4141
+MLFLOW_PORT ?= 5000
+viz: setup
+	$(BIN)/kedro viz run --host=$(HOST) --port=$(VIZ_PORT) --no-browser
+
+# the tracking store of conf/base + conf/local mlflow.yml (or $$MLFLOW_TRACKING_URI), as training writes it
+mlflow: setup
+	$(BIN)/mlflow ui --host $(HOST) --port $(MLFLOW_PORT) --backend-store-uri \
+	  "$$($(BIN)/python -c "from maelab.config import mlflow_settings; print(mlflow_settings()['tracking_uri'])")"
 
 test: setup
 	$(BIN)/ruff check src tests pipelines

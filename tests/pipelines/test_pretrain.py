@@ -4,6 +4,8 @@ reading the region store dataset), a recipe added only in the parameters, and th
 from __future__ import annotations
 
 import copy
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,13 @@ def micro_params(tmp_path, monkeypatch):
 
 def test_pretrain_mae_in_memory(tmp_path, micro_params, run_memory) -> None:
     manifest = micro_manifest(tmp_path / "micro")
-    out = run_memory(create_pipeline("mae"), {"manifest": manifest, "run_env": None}, micro_params)
+    old = os.umask(0o077)  # a private umask: saved weights must still be readable by teammates
+    try:
+        out = run_memory(create_pipeline("mae"), {"manifest": manifest, "run_env": None}, micro_params)
+    finally:
+        os.umask(old)
+    for weights in (out["pretrain_mae_encoder"], out["pretrain_mae_checkpoint"]):
+        assert stat.S_IMODE(Path(weights).stat().st_mode) == 0o644, weights
     report = out["pretrain_mae_report"]
     assert report["recipe"] == "mae" and report["steps"] == 3 and set(report["heads"]) == {"pixel"}
     assert np.isfinite(report["last_loss"]) and report["mlflow_run_id"] is None
