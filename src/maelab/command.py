@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--env", default=None)
 
     seg = sub.add_parser("segment", help="interactive segmentation with a pre-trained R-MAE (paper §4.2)")
-    seg.add_argument("--recipe", required=True)
+    seg.add_argument("--recipe", default=None, help="recipe of a checkpoint file (a models:/ state has one)")
     seg.add_argument("--env", default=None)
-    seg.add_argument("--checkpoint", required=True)
+    seg.add_argument(
+        "--checkpoint", required=True, help="checkpoint.pt, or a registered full state models:/NAME@ALIAS"
+    )
     seg.add_argument("--image", required=True)
     seg.add_argument("--patches", required=True, help="prompt patch indices, raster order: i,j,...")
     seg.add_argument("--negative", default="", help="background patch indices")
