@@ -16,6 +16,7 @@ HANDLERS = {
     "export": "maelab.transfer.export:cli",
     "segment": "maelab.analysis.interactive:cli",
     "segment-eval": "maelab.analysis.interactive:eval_cli",
+    "serve": "maelab.serve.app:cli",
 }
 
 
@@ -98,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=100)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
+    serve = sub.add_parser("serve", help="a web page for interactive R-MAE segmentation from the registry")
+    serve.add_argument("--env", default=None)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="NAME@ALIAS to offer (repeatable; default: every "
+        "alias of a registered model whose full state has a region head)",
+    )
+    serve.add_argument("--manifest", default=None, help="manifest whose held-out images to offer")
+    serve.add_argument("--max-upload-mb", type=float, default=8.0)
     return parser
 
 

@@ -214,11 +214,27 @@ def load_image(path: str | Path, size: tuple[int, int]) -> Tensor:
     """RGB file -> ``[3, H, W]`` ImageNet-normalised, resized (bicubic) to ``size``."""
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC))
+            arr = np.asarray(im.convert("RGB"))
     except OSError as err:
         raise ValueError(f"{path}: cannot read image: {err}") from err
+    return image_tensor(arr, size)
+
+
+def image_tensor(rgb: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """``[H0, W0, 3]`` uint8 -> ``[3, H, W]`` ImageNet-normalised, resized (bicubic) to ``size`` (H, W)."""
+    arr = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BICUBIC))
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
     return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def patch_at(x: float, y: float, size: tuple[int, int], grid: tuple[int, int]) -> int:
+    """The raster patch id on the model's ``grid`` (rows, cols) under pixel ``(x, y)`` of an image of
+    ``size`` (H, W), whatever that size: the image is resized onto the grid as a whole."""
+    h, w = size
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"point ({x}, {y}) is outside the {w}x{h} image")
+    gh, gw = grid
+    return min(gh - 1, int(y * gh / h)) * gw + min(gw - 1, int(x * gw / w))
 
 
 def scenes_samples(
