@@ -1,5 +1,5 @@
 """A tiny R-MAE trained for a few steps on generated scenes and registered (encoder + full state) in a
-throw-away MLflow store, once per module; and ``maelab serve`` started on it on 127.0.0.1."""
+throw-away MLflow store, once per session; and ``maelab serve`` started on it on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Project:
     model: str  # NAME@ALIAS of the registered R-MAE
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rmae_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     from maelab.pipelines.pretrain.nodes import pretrain
     from maelab.pipelines.regions.nodes import compute_regions
@@ -56,6 +56,7 @@ def rmae_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("serve") / "proj"
     (root / "mlruns").mkdir(parents=True)
     (root / "conf" / "base").mkdir(parents=True)
+    (root / "conf" / "local").mkdir()
     shutil.copy(REPO / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
     env = {"MAELAB_PROJECT_ROOT": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db"}
     with pytest.MonkeyPatch.context() as mp:

@@ -228,13 +228,14 @@ def image_tensor(rgb: np.ndarray, size: tuple[int, int]) -> Tensor:
 
 
 def patch_at(x: float, y: float, size: tuple[int, int], grid: tuple[int, int]) -> int:
-    """The raster patch id on the model's ``grid`` (rows, cols) under pixel ``(x, y)`` of an image of
-    ``size`` (H, W), whatever that size: the image is resized onto the grid as a whole."""
+    """The raster patch id on the model's ``grid`` (rows, cols) of the pixel under point ``(x, y)`` of an
+    image of ``size`` (H, W), whatever that size: the image is resized onto the grid as a whole, and pixel
+    ``(i, j)`` belongs to the patch under its centre, row ``(2i + 1) * rows // 2H``, column likewise."""
     h, w = size
     if not (0 <= x < w and 0 <= y < h):
         raise ValueError(f"point ({x}, {y}) is outside the {w}x{h} image")
     gh, gw = grid
-    return min(gh - 1, int(y * gh / h)) * gw + min(gw - 1, int(x * gw / w))
+    return (2 * int(y) + 1) * gh // (2 * h) * gw + (2 * int(x) + 1) * gw // (2 * w)
 
 
 def scenes_samples(

@@ -95,6 +95,10 @@ def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return rgb
 
 
+def human_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 // 10 else f"{n / 1024:.1f} KB"
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -223,8 +227,8 @@ def patches_mask(ids: list[int], size: tuple[int, int], grid: tuple[int, int]) -
     """``[H, W]`` bool: the pixels of an image of ``size`` that fall in patches ``ids`` (as :func:`patch_at`
     maps them)."""
     (h, w), (gh, gw) = size, grid
-    rows = np.minimum(gh - 1, (np.arange(h) * gh) // h)
-    cols = np.minimum(gw - 1, (np.arange(w) * gw) // w)
+    rows = (2 * np.arange(h) + 1) * gh // (2 * h)
+    cols = (2 * np.arange(w) + 1) * gw // (2 * w)
     chosen = np.zeros(gh * gw, dtype=bool)
     chosen[ids] = True
     return chosen[rows[:, None] * gw + cols[None, :]]
@@ -300,10 +304,10 @@ def create_app(
     @app.post("/api/upload")
     async def upload(request: Request) -> JSONResponse:
         declared = request.headers.get("content-length")
-        limit = f"{max_upload_bytes / 2**20:.1f} MB"
+        limit = human_size(max_upload_bytes)
         if declared and declared.isdigit() and int(declared) > max_upload_bytes:
             return JSONResponse(
-                {"detail": f"the file is {int(declared) / 2**20:.1f} MB; the limit is {limit}"}, 413
+                {"detail": f"the file is {human_size(int(declared))}; the limit is {limit}"}, 413
             )
         data = bytearray()
         async for chunk in request.stream():
