@@ -25,6 +25,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def page(server: str):
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: apt-get install -y chromium (Debian's package)"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(accept_downloads=True, viewport={"width": 900, "height": 640})
