@@ -25,6 +25,7 @@ HANDLERS = {
     "segment": "maelab.analysis.interactive:cli",
     "segment-eval": "maelab.analysis.interactive:eval_cli",
     "completion": "maelab.command:completion_cli",
+    "serve": "maelab.serve.app:cli",
 }
 ENV_HELP = "Kedro config env over conf/base (imagenet, coco, ade20k, benchmark); default: conf/local only"
 JSON_HELP = "print one JSON object instead of a table"
@@ -134,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--env", default=None, help=ENV_HELP)
 
     seg = _sub(sub, "segment", "interactive segmentation with a pre-trained R-MAE (paper §4.2)")
-    seg.add_argument("--recipe", required=True, help="the R-MAE recipe the checkpoint was trained with")
+    seg.add_argument("--recipe", default=None, help="recipe of a checkpoint file (a models:/ state has one)")
     seg.add_argument("--env", default=None, help=ENV_HELP)
-    seg.add_argument("--checkpoint", required=True, help="model.safetensors or checkpoint.pt of that recipe")
+    seg.add_argument(
+        "--checkpoint", required=True, help="checkpoint.pt, or a registered full state models:/NAME@ALIAS"
+    )
     seg.add_argument("--image", required=True, help="image file")
     seg.add_argument("--patches", required=True, help="prompt patch indices, raster order: i,j,...")
     seg.add_argument("--negative", default="", help="background patch indices")
@@ -164,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     completion = _sub(sub, "completion", "print a shell completion script")
     completion.add_argument("shell", choices=["bash", "zsh"], help='e.g. eval "$(maelab completion bash)"')
+
+    serve = _sub(sub, "serve", "a web page for interactive R-MAE segmentation from the registry")
+    serve.add_argument("--env", default=None, help=ENV_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="NAME@ALIAS to offer (repeatable; default: every "
+        "alias of a registered model whose full state has a region head)",
+    )
+    serve.add_argument("--manifest", default=None, help="manifest whose held-out images to offer")
+    serve.add_argument("--max-upload-mb", type=float, default=8.0, help="largest upload accepted, in MB")
     return parser
 
 

@@ -61,6 +61,9 @@ class TrainConfig(_Strict):
     devices: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)
     resume: bool = False
+    # a full pre-training state to continue from: models:/NAME@ALIAS (resolved by the caller) or a file
+    init_from: str | None = None
+    init_from_uri: str | None = None  # set by the caller: the URI init_from was resolved from
     ckpt_every: int | None = Field(None, ge=0)
     log_every: int = Field(10, ge=1)
     image_every: int | None = Field(None, ge=0)

@@ -8,6 +8,8 @@ left visible at a high mask ratio. Any number of prompt patches works, from one 
     prob = segment_interactive(model, image, [27, 28])        # [H, W] probabilities
     maelab segment --recipe rmae --checkpoint data/06_models/pretrain/rmae/checkpoint.pt \
         --image img.jpg --patches 27,28 --out seg.png
+    maelab segment --checkpoint models:/maelab-rmae-vit-t8-64-d6@champion --image img.jpg --patches 27,28 \
+        --out seg.png                                          # the registered full state (its own recipe)
 
 ``evaluate_interactive`` measures mean IoU against held-out instance masks, next to the trivial baseline
 "the union of the prompt patches" (for ``reveal`` prompts: the revealed foreground pixels).
@@ -212,11 +214,28 @@ def load_image(path: str | Path, size: tuple[int, int]) -> Tensor:
     """RGB file -> ``[3, H, W]`` ImageNet-normalised, resized (bicubic) to ``size``."""
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC))
+            arr = np.asarray(im.convert("RGB"))
     except OSError as err:
         raise ValueError(f"{path}: cannot read image: {err}") from err
+    return image_tensor(arr, size)
+
+
+def image_tensor(rgb: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """``[H0, W0, 3]`` uint8 -> ``[3, H, W]`` ImageNet-normalised, resized (bicubic) to ``size`` (H, W)."""
+    arr = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BICUBIC))
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
     return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def patch_at(x: float, y: float, size: tuple[int, int], grid: tuple[int, int]) -> int:
+    """The raster patch id on the model's ``grid`` (rows, cols) of the pixel under point ``(x, y)`` of an
+    image of ``size`` (H, W), whatever that size: the image is resized onto the grid as a whole, and pixel
+    ``(i, j)`` belongs to the patch under its centre, row ``(2i + 1) * rows // 2H``, column likewise."""
+    h, w = size
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"point ({x}, {y}) is outside the {w}x{h} image")
+    gh, gw = grid
+    return (2 * int(y) + 1) * gh // (2 * h) * gw + (2 * int(x) + 1) * gw // (2 * w)
 
 
 def scenes_samples(
@@ -259,11 +278,32 @@ class _quiet:
         self._ctx.__exit__(*exc)
 
 
-def load_model(recipe: str, env: str | None, checkpoint: str | Path) -> Pretrainer:
-    """A Pretrainer for ``recipe`` (named in the config of ``env``) with the weights of ``checkpoint``."""
+def load_model(recipe: str | None, env: str | None, checkpoint: str | Path) -> Pretrainer:
+    """A Pretrainer with the weights of ``checkpoint``: a registered full state (``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``, which carries its own recipe), or a file, for ``recipe`` (named in the config
+    of ``env``)."""
+    if str(checkpoint).startswith("models:/"):
+        return model_from_registry(str(checkpoint), env)
+    if not recipe:
+        raise ValueError(f"{checkpoint}: a checkpoint file needs --recipe (a models:/ state carries its own)")
     from maelab.config import load_recipe
 
     return model_from_checkpoint(load_recipe(recipe, env), checkpoint)
+
+
+def model_from_registry(uri: str, env: str | None = None, cache_dir: str | Path | None = None) -> Pretrainer:
+    """The whole pre-trained model (encoder and heads) of the full state registered under ``uri``."""
+    from maelab.models import build_pretrainer
+    from maelab.orchestration.registry import read_full_state, resolve_state
+
+    path = resolve_state(uri, env=env, cache_dir=cache_dir)
+    state = read_full_state(path)
+    model = build_pretrainer(state["recipe"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{uri} ({path}): weights do not fit the state's own recipe: {err}") from err
+    return model.eval()
 
 
 def model_from_checkpoint(recipe: dict[str, Any], checkpoint: str | Path) -> Pretrainer:
@@ -332,8 +372,8 @@ def _ids(text: str | None) -> list[int]:
 
 
 def cli(args: argparse.Namespace) -> int:
-    """``maelab segment --recipe R [--env E] --checkpoint PATH --image IMG --patches i,j [--negative k]
-    [--image-visible all|prompt] --out PNG``: writes the figure and prints the patch grid used."""
+    """``maelab segment [--recipe R] [--env E] --checkpoint PATH|models:/NAME@ALIAS --image IMG --patches i,j
+    [--negative k] [--image-visible all|prompt] --out PNG``: writes the figure and prints the patch grid."""
     model = load_model(args.recipe, args.env, args.checkpoint)
     enc = model.encoder
     image = load_image(args.image, enc.img_size)

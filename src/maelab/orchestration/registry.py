@@ -339,3 +339,113 @@ def cli(args: argparse.Namespace) -> int:
         print(f"{args.name}@{args.alias} -> version {args.version}")
         return 0
     raise ValueError(f"unknown registry action {args.action!r}")
+
+
+# ------------------------------------------------------------------------------- full training states
+# Beside each encoder version, the run's complete pre-training state: every head, the optimiser, the
+# scaler, the data position, the RNG states, the loss history and the resolved recipe, in one
+# weights-only file (``torch.load(weights_only=True)``; the recipe as a JSON string). It is logged to the
+# version's run under ``state/`` and named by the version's ``state_file`` tag, so ``models:/NAME@ALIAS``
+# means the same run whether a stage wants the encoder or the whole state.
+STATE_ARTIFACT_DIR = "state"
+STATE_FILE = "state.pt"
+STATE_KEYS = ("model", "optimizer", "scaler", "step", "data", "history", "rng", "recipe_json")
+
+
+def write_full_state(checkpoint: str | Path, recipe: dict[str, Any], out: str | Path) -> Path:
+    """The training ``checkpoint`` (``checkpoint.pt``) with the resolved ``recipe`` added, written atomically
+    to ``out``; the checkpoint must hold everything a continued run restores."""
+    import json
+
+    import torch
+
+    from maelab.files import atomic_write, torch_load_weights
+
+    state = torch_load_weights(checkpoint)
+    missing = [k for k in STATE_KEYS[:-1] if k not in (state if isinstance(state, dict) else {})]
+    if missing:
+        raise ValueError(f"{checkpoint}: not a full training checkpoint (no {missing})")
+    state["recipe_json"] = json.dumps(recipe, sort_keys=True)
+    return atomic_write(out, lambda tmp: torch.save(state, tmp))
+
+
+def read_full_state(path: str | Path) -> dict[str, Any]:
+    """A full state file as a dict (weights only), with its recipe decoded under ``recipe``."""
+    import json
+
+    from maelab.files import torch_load_weights
+
+    state = torch_load_weights(path)
+    if not isinstance(state, dict) or "recipe_json" not in state:
+        raise ValueError(f"{path}: not a maelab full state (field 'recipe_json' missing)")
+    state["recipe"] = json.loads(state["recipe_json"])
+    return state
+
+
+def register_state(
+    run_id: str, checkpoint: str | Path, recipe: dict[str, Any], *, env: str | None = None
+) -> tuple[str, int]:
+    """Log the run's full state (:func:`write_full_state`) as ``state/state.pt`` and tag the run's encoder
+    version of ``maelab-<recipe>-<arch>`` with it (``state_file``, ``state_step``, ``state_heads``);
+    returns ``(model name, version)``. Register the encoder first (:func:`register_encoder`)."""
+    import tempfile
+
+    name = model_name(recipe["name"], arch_name(recipe["encoder"]))
+    c = client(env)
+    versions = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not versions:
+        raise LookupError(f"{name}: no version from run {run_id}; register its encoder first")
+    version = versions[0].version
+    with tempfile.TemporaryDirectory(prefix="maelab-state-") as tmp:
+        path = write_full_state(checkpoint, recipe, Path(tmp) / STATE_FILE)
+        step = int(read_full_state(path)["step"])
+        c.log_artifact(run_id, str(path), STATE_ARTIFACT_DIR)
+    heads = ",".join(sorted(str(h.get("type", n)) for n, h in (recipe.get("heads") or {}).items()))
+    for key, value in {
+        "state_file": f"{STATE_ARTIFACT_DIR}/{STATE_FILE}",
+        "state_step": str(step),
+        "state_heads": heads,
+    }.items():
+        c.set_model_version_tag(name, version, key, value)
+    return name, int(version)
+
+
+def resolve_state(uri: str | Path, *, env: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local path to the full state named by ``uri``: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+    (the version's ``state_file`` artifact, downloaded into ``cache_dir`` unless the store is local), or a
+    plain path (a full state or a ``checkpoint.pt``), returned as it is."""
+    import mlflow
+
+    uri = str(uri)
+    if not uri.startswith("models:/"):
+        path = Path(uri)
+        path = path if path.is_absolute() else project_root() / path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such training state")
+        return path
+    mv = get_version(uri, env)
+    artifact = (mv.tags or {}).get("state_file")
+    if not artifact:
+        raise LookupError(
+            f"{uri} (version {mv.version} of {mv.name}) has no full training state: it was registered "
+            "without one (tag 'state_file'); pre-train it again, or pass a checkpoint.pt path"
+        )
+    c = client(env)
+    local = _local_dir(c.get_run(mv.run_id).info.artifact_uri)
+    if local is not None and (local / artifact).is_file():
+        return local / artifact
+    cache = Path(cache_dir) if cache_dir else project_root() / "data" / "06_models" / "registry"
+    dst = cache / mv.name / str(mv.version)
+    dst.mkdir(parents=True, exist_ok=True)
+    got = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{mv.run_id}/{artifact}", dst_path=str(dst))
+    return Path(got)
+
+
+def resolve_init_from(recipe: dict[str, Any], env: str | None = None) -> dict[str, Any]:
+    """The recipe with a ``train.init_from`` registry URI replaced by the local full-state path (the engine
+    reads files only); the URI is kept as ``train.init_from_uri`` for the run's parameters."""
+    ref = (recipe.get("train") or {}).get("init_from")
+    if not ref or not str(ref).startswith("models:/"):
+        return recipe
+    train = {**recipe["train"], "init_from": str(resolve_state(ref, env=env)), "init_from_uri": str(ref)}
+    return {**recipe, "train": train}

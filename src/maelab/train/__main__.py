@@ -66,6 +66,10 @@ def cli(args: argparse.Namespace) -> int:
             (root if root.is_absolute() else project_root() / root) / regions.get("source", "fh")
         )
     check_recipe(recipe)  # a misspelt --set key or an out-of-range value stops here, naming it
+    if str(recipe["train"].get("init_from") or "").startswith("models:/"):
+        from maelab.orchestration.registry import resolve_init_from  # a registry URI -> the state file
+
+        recipe = resolve_init_from(recipe, args.env)
 
     from maelab.train import distributed
     from maelab.train.data import read_manifest

@@ -127,17 +127,22 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     meta: dict[str, Any],
+    schedule_changes: bool = False,
 ) -> TrainingState:
     """Load weights, optimiser and scaler in place; return the run's state (RNG: ``restore_rng``).
 
     meta: this run's (as for :func:`save_training_state`); a changed world size, batch size or schedule
-    is warned about, since the resumed run then no longer reproduces the saved one."""
+    is warned about, since the resumed run then no longer reproduces the saved one. schedule_changes: a
+    new schedule is expected (a continuation with more steps), not warned about."""
     ckpt = load_checkpoint(path, required=RESUME_KEYS)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: field 'model' does not fit this recipe's model: {err}") from err
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    warn_changes(path, ckpt, meta)
+    warn_changes(path, ckpt, {**meta, "schedule": ckpt.get("schedule")} if schedule_changes else meta)
     return TrainingState(
         int(ckpt["step"]),
         int(ckpt["data"]["consumed"]),

@@ -168,6 +168,8 @@ def setup_run(
 
 
 def resume_state(run: Run, resume: bool) -> TrainingState:
+    """The run's own checkpoint (``resume``), else the full state named by ``train.init_from``, else a
+    fresh start. A resumed continuation thus picks up its own progress, not the state it started from."""
     if resume and run.checkpoint.is_file():
         state = load_training_state(run.checkpoint, run.raw, run.optimizer, run.scaler, run.meta())
         epoch = state.consumed // run.batches_per_epoch
@@ -175,7 +177,30 @@ def resume_state(run: Run, resume: bool) -> TrainingState:
         return state
     if resume:
         log.warning("%s: no checkpoint, starting from scratch", run.checkpoint)
-    return TrainingState()
+    init_from = run.recipe["train"].get("init_from")
+    return continue_from(run, str(init_from)) if init_from else TrainingState()
+
+
+def continue_from(run: Run, init_from: str) -> TrainingState:
+    """Continue pre-training from another run's full state (``train.init_from``): weights of every head,
+    optimiser, scaler, step, data position, history and RNG, as a resume does, but in a new MLflow run.
+    ``train.steps`` is the total of the continued run, so it must exceed the state's step."""
+    if "://" in init_from or init_from.startswith("models:/"):
+        raise ValueError(
+            f"train.init_from: {init_from!r} is a URI; the caller resolves it to a file first "
+            "(maelab.orchestration.registry.resolve_init_from, as the pretrain node and "
+            "`python -m maelab.train` do)"
+        )
+    path = Path(init_from)
+    state = load_training_state(path, run.raw, run.optimizer, run.scaler, run.meta(), schedule_changes=True)
+    if state.step >= run.schedule.total_steps:
+        raise ValueError(
+            f"train.init_from: {path} is at step {state.step}; train.steps ({run.schedule.total_steps}) "
+            "is the continued run's total and must be larger"
+        )
+    state.run_id = None  # a new run: the registered one stays as it was
+    log.info("continuing %s from %s at step %d", run.name, path, state.step)
+    return state
 
 
 def progress_bar(run: Run, progress: bool | None, initial: int) -> Any:

@@ -135,10 +135,12 @@ def pretrain(
     run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
     region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
     """
+    from maelab.orchestration.registry import resolve_init_from  # train.init_from: models:/ -> a file
     from maelab.orchestration.teachers import resolve_teacher_weights  # MR-MAE: models:/ URIs -> files
     from maelab.train.engine import train
 
     recipe = resolve_teacher_weights(with_region_store(recipe, region_store), run_env)
+    recipe = resolve_init_from(recipe, run_env)
     devices = int(recipe["train"].get("devices") or 1)
     if devices > 1:
         report = launch_torchrun(recipe, manifest, devices, run_env)
@@ -163,14 +165,16 @@ def pretrain(
 
 def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) -> None:
     """Register the encoder as ``maelab-<recipe>-<arch>`` (alias ``candidate``; the first version is also
-    ``champion``). A tracking backend that fails only warns: the trained encoder is on disk either way."""
+    ``champion``) and the full training state beside it. A tracking backend that fails only warns: the
+    trained encoder and checkpoint are on disk either way."""
     if not report.get("mlflow_run_id"):
         return
-    from maelab.orchestration.registry import register_encoder
+    from maelab.orchestration.registry import register_encoder, register_state
 
     try:
         report["registered_version"] = register_encoder(
             report["mlflow_run_id"], report["encoder_path"], recipe["name"], env=env
         )
+        register_state(report["mlflow_run_id"], report["checkpoint_path"], recipe, env=env)
     except Exception as err:  # noqa: BLE001 - the registry is optional infrastructure
-        log.warning("could not register the %s encoder in MLflow: %s", recipe["name"], err)
+        log.warning("could not register the %s encoder and state in MLflow: %s", recipe["name"], err)
