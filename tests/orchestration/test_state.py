@@ -45,7 +45,7 @@ def micro_recipe(tmp_path: Path, out: str, **train) -> dict:
 
 def test_continue_from_the_registered_champion_goes_on_as_one_uninterrupted_run(tmp_path, mlflow_home):
     manifest = micro_manifest(tmp_path / "micro")
-    first, _, _ = pretrain(manifest, micro_recipe(tmp_path, "a"), None)
+    first, *_ = pretrain(manifest, micro_recipe(tmp_path, "a"), None)
     name = "maelab-mae-vit-w32p8-32-d2"
     mv = registry.get_version(f"{name}@champion")
     assert int(mv.version) == first["registered_version"] == 1
@@ -60,7 +60,7 @@ def test_continue_from_the_registered_champion_goes_on_as_one_uninterrupted_run(
     uri = f"models:/{name}@champion"
     with pytest.raises(ValueError, match=r"at step 4; train.steps \(4\) .* must be larger"):
         pretrain(manifest, micro_recipe(tmp_path, "b", init_from=uri), None)  # nothing left to train
-    cont, _, _ = pretrain(manifest, micro_recipe(tmp_path, "c", steps=6, init_from=uri), None)
+    cont, *_ = pretrain(manifest, micro_recipe(tmp_path, "c", steps=6, init_from=uri), None)
     assert cont["registered_version"] == 2
     whole = train(micro_recipe(tmp_path, "w", steps=6), manifest, mlflow=None)  # uninterrupted, untracked
 

@@ -71,7 +71,7 @@ def rmae_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
         defaults = deep_merge(PARAMS["recipe_defaults"], TINY)
         defaults["train"]["out_dir"] = str(root / "data" / "06_models")
         recipe = resolve_recipe({"recipes": PARAMS["recipes"], "recipe_defaults": defaults}, "rmae")
-        report, _, _ = pretrain(manifest, recipe, None, store)
+        report, *_ = pretrain(manifest, recipe, None, store)
         assert report["registered_version"] == 1
     yield Project(root, env, f"{MODEL}@champion")
 
