@@ -48,6 +48,17 @@ def test_over_seeds_reports_mean_std_and_per_seed_values():
     assert out["pool"] == "mean" and out["seeds"] == [0, 1, 2]
 
 
+def test_one_seed_reports_no_spread():
+    """A metric from one seed has no standard deviation: no `_std` (a 0.0 would read as a perfect spread)."""
+
+    def run(manifest, ref, default, cfg):
+        return {"top1": 10.0 + cfg.seed, "seconds": 1.0}
+
+    cfg = task_config("knn_probe", {"tasks": {"knn_probe": {"seeds": [3]}}})
+    out = over_seeds(run, None, None, {}, cfg)
+    assert out["top1"] == 13.0 and "top1_std" not in out and "top1_seeds" not in out
+
+
 def test_linear_seg_head_is_per_token_linear():
     head = LinearSegHead(8, 3).eval()
     x = torch.randn(2, 8, 4, 4)
@@ -113,6 +124,10 @@ def test_a_broken_pretraining_scores_like_random_init(tmp_path, monkeypatch):
         rand = run(manifest, None, TINY, cfg([0, 1, 2]))
         bro = run(manifest, str(broken), TINY, cfg([0, 1, 2]))
         work = run(manifest, str(working), TINY, cfg([0]))
-        assert bro[f"{key}_seeds"][0] == rand[f"{key}_seeds"][0], name  # the same encoder as random init 0
+        if name == "knn_probe":  # no randomness but the encoder's: a file encoder is evaluated once
+            assert bro["seeds"] == [0] and f"{key}_std" not in bro
+            assert bro[key] == rand[f"{key}_seeds"][0], name  # the same encoder as random init 0
+        else:
+            assert bro[f"{key}_seeds"][0] == rand[f"{key}_seeds"][0], name
         if name == "seg_probe":  # a continuous score: a trained encoder does not land on random init's value
             assert work[key] != rand[f"{key}_seeds"][0]

@@ -57,7 +57,8 @@ def over_seeds(
     run: Runner, manifest: pd.DataFrame, encoder_ref: Any, default_config: dict, cfg: Any, *args
 ) -> dict:
     """Run ``run`` once per seed in ``cfg.seeds``, each with ``cfg.seed`` set to it; float metrics become
-    ``m`` (mean), ``m_std`` and ``m_seeds``; others come from the first seed."""
+    ``m`` (mean), ``m_std`` and ``m_seeds`` (the last two only with more than one seed); others come from
+    the first seed."""
     seeds = [int(s) for s in cfg.seeds]
     t0 = time.perf_counter()
     runs = [
@@ -68,8 +69,9 @@ def over_seeds(
         if isinstance(first, float) and key != "seconds":  # metrics; counts (ints) come from the first seed
             values = np.array([float(r[key]) for r in runs])
             out[key] = round(float(values.mean()), 3)
-            out[f"{key}_std"] = round(float(values.std()), 3)
-            out[f"{key}_seeds"] = [round(float(v), 3) for v in values]
+            if len(runs) > 1:  # one seed has no spread to report: no `_std` rather than a false 0.0
+                out[f"{key}_std"] = round(float(values.std()), 3)
+                out[f"{key}_seeds"] = [round(float(v), 3) for v in values]
         elif key != "seconds":
             out[key] = first
     out.update(seeds=seeds, seconds=round(time.perf_counter() - t0, 2))
@@ -216,7 +218,12 @@ def linear_probe_once(
 def run_knn_probe(
     manifest: pd.DataFrame, encoder_ref: Any, default_config: dict, cfg: KnnProbeConfig
 ) -> dict[str, Any]:
-    """kNN probe over ``cfg.seeds`` -> top-1 / top-5 in percent, each with ``_std`` and ``_seeds``."""
+    """kNN probe over ``cfg.seeds`` -> top-1 / top-5 in percent, each with ``_std`` and ``_seeds``.
+
+    The kNN vote has no randomness of its own: a seed changes only a random init's weights. A pre-trained
+    encoder is therefore evaluated once (the first seed), and its row has no ``_std``."""
+    if encoder_ref is not None:
+        cfg = dataclasses.replace(cfg, seeds=tuple(cfg.seeds[:1]))
     return over_seeds(knn_probe_once, manifest, encoder_ref, default_config, cfg)
 
 

@@ -245,9 +245,10 @@ def run_segmentation(
     num_classes = resolve_num_classes(cfg, train_annotations)
     runs = [_train_eval_once(manifest, encoder_ref, default_config, cfg, num_classes, s) for s in cfg.seeds]
     mious = [r["miou"] for r in runs]
+    spread = {"miou_std": float(np.std(mious))} if len(runs) > 1 else {}  # one seed: no spread to report
     return {
         "miou": float(np.mean(mious)),
-        "miou_std": float(np.std(mious)),
+        **spread,
         "pixel_acc": float(np.mean([r["pixel_acc"] for r in runs])),
         "num_classes": num_classes,
         "runs": runs,
