@@ -92,11 +92,15 @@ def pretrain(
     recipe: dict[str, Any],
     run_env: str | None,
     region_store: RegionStore | None = None,
+    *,
+    register_encoder: bool = True,
 ) -> tuple[dict[str, Any], str, str]:
     """Train a resolved recipe -> (report, encoder path, checkpoint path).
 
     run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
     region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
+    register_encoder: register the encoder in the MLflow registry (``compare`` does not: its short runs
+    are no candidates).
     """
     from maelab.orchestration.teachers import resolve_teacher_weights  # MR-MAE: models:/ URIs -> files
     from maelab.train.engine import train
@@ -119,7 +123,8 @@ def pretrain(
         report["images_per_s"],
         report["wall_s"],
     )
-    register(report, recipe, run_env)
+    if register_encoder:
+        register(report, recipe, run_env)
     return report, str(Path(report["encoder_path"])), str(Path(report["checkpoint_path"]))
 
 
