@@ -133,6 +133,17 @@ def test_resolve_applies_budget_overrides_and_teacher(params):
         resolve(params["recipes"], params["recipe_defaults"], cfg, "/x", recipe_name="mae")
 
 
+def test_the_prefect_compare_deployment_runs_it_on_a_schedule_and_publishes_the_table():
+    from maelab.orchestration.retrain import published_tables
+
+    conf = yaml.safe_load((Path(__file__).parents[2] / "pipelines/prefect.yaml").read_text())
+    (dep,) = [d for d in conf["deployments"] if d["name"] == "compare"]
+    assert dep["entrypoint"] == "flows.py:kedro_flow" and dep["parameters"]["pipelines"] == ["compare"]
+    assert dep["schedules"][0]["cron"] and dep["schedules"][0]["active"]
+    assert published_tables(["ingest", "compare"]) == [("compare.json", "maelab-compare")]
+    assert published_tables(["rmae_full", "report"]) == [("report.json", "maelab-report")]
+
+
 # -- the table --------------------------------------------------------------------------------------------
 def test_rows_and_markdown():
     metrics = {
