@@ -72,10 +72,11 @@ MICRO_COMPARE = {
         ({"recipez": ["mae"]}, r"compare.recipez: unknown key"),
         ({"recipes": ["mae", "nope"]}, r"compare.recipes: 'nope' is not a recipe"),
         ({"recipes": []}, r"compare.recipes: must be a non-empty list"),
-        ({"teachers": {"mrmae": "rmae"}}, r"compare.teachers.mrmae: 'rmae'"),
+        ({"teachers": {"mrmae": "rmae"}}, r"compare.teachers.mrmae: 'rmae' must be another compared"),
         ({"teachers": {"mrmae": "mrmae"}}, r"compare.teachers.mrmae"),
+        ({"teachers": {"nope": "mae"}}, r"compare.teachers.nope: not a recipe"),
         ({"budget": {"stepz": 3}}, r"compare.budget.stepz: unknown train key"),
-        ({"overrides": {"rmae": {}}}, r"compare.overrides.rmae: not a compared recipe"),
+        ({"overrides": {"nope": {}}}, r"compare.overrides.nope: not a recipe"),
         ({"tasks": ["linear"]}, r"compare.tasks: 'linear' is not a transfer task"),
     ],
 )
@@ -90,6 +91,9 @@ def test_the_default_compares_every_method_and_the_combinations(params):
     assert need <= set(cfg["recipes"])
     assert cfg["teachers"] == {"mrmae": "mae", "rmae_mimic": "mae"}
     assert "linear_probe" in cfg["tasks"]
+    # a recipe left out keeps its teacher and overrides in the file, unused
+    fewer = compare.compare_settings({**params["compare"], "recipes": ["mae", "mrmae"]}, params["recipes"])
+    assert fewer["teachers"] == {"mrmae": "mae"}
 
 
 # -- the pipeline the registry builds --------------------------------------------------------------------
@@ -241,7 +245,7 @@ def test_kedro_run_compare_writes_the_table_and_logs_it(kedro_project: Path, ked
         yaml.safe_dump({"transfer": {"data": {"max_eval_images": 4}, "tasks": MICRO_TASKS}})
     )
     micro = {**MICRO_COMPARE, "recipes": ["mae", "rmae", "mrmae"], "mlflow": True}
-    micro["budget"] = {**micro["budget"], "out_dir": "data/06_models/compare"}
+    micro["budget"] = {**micro["budget"], "batch_size": 4, "out_dir": "data/06_models/compare"}
     (local / "parameters_compare.yml").write_text(yaml.safe_dump({"compare": micro}))
     kedro_run(kedro_project, "compare")
 

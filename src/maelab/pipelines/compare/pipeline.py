@@ -57,20 +57,32 @@ def compare_settings(compare: Any, recipes: dict[str, Any]) -> dict[str, Any]:
     for name in names:
         if name not in recipes:
             _fail("recipes", f"{name!r} is not a recipe (parameters_pretrain.yml has {sorted(recipes)})")
-    for name, teacher in (compare.get("teachers") or {}).items():
-        if name not in names or teacher not in names or teacher == name:
-            _fail(f"teachers.{name}", f"{teacher!r}: both must be other compared recipes ({names})")
+    teachers = _teachers(compare.get("teachers") or {}, names, recipes)
     for key in compare.get("budget") or {}:
         if key not in TrainConfig.model_fields:
             _fail(f"budget.{key}", f"unknown train key (allowed: {', '.join(TrainConfig.model_fields)})")
     for name in compare.get("overrides") or {}:
-        if name not in names:
-            _fail(f"overrides.{name}", f"not a compared recipe ({names})")
+        if name not in recipes:
+            _fail(f"overrides.{name}", f"not a recipe (parameters_pretrain.yml has {sorted(recipes)})")
     tasks = list(compare.get("tasks") or ["linear_probe"])
     for task in tasks:
         if task not in ENCODER_TASKS:
             _fail("tasks", f"{task!r} is not a transfer task ({', '.join(ENCODER_TASKS)})")
-    return {**compare, "tasks": tasks, "teachers": dict(compare.get("teachers") or {})}
+    return {**compare, "tasks": tasks, "teachers": teachers}
+
+
+def _teachers(teachers: dict[str, str], names: list[str], recipes: dict[str, Any]) -> dict[str, str]:
+    """``compare.teachers`` of the compared recipes; a recipe left out of ``recipes`` keeps its entry in the
+    file, unused (so are its ``overrides``)."""
+    out = {}
+    for name, teacher in teachers.items():
+        if name not in recipes:
+            _fail(f"teachers.{name}", f"not a recipe (parameters_pretrain.yml has {sorted(recipes)})")
+        if name in names:
+            if teacher not in names or teacher == name:
+                _fail(f"teachers.{name}", f"{teacher!r} must be another compared recipe ({names})")
+            out[name] = teacher
+    return out
 
 
 def _recipe_pipeline(name: str, teacher: str | None, uses_regions: bool) -> Pipeline:
