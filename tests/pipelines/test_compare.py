@@ -13,7 +13,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from maelab.analysis.compare import compare_row, markdown_table
 from maelab.config import deep_merge, load_config
 from maelab.pipeline_registry import build_pipelines
 from maelab.pipelines import compare, ingest, regions
@@ -146,38 +145,6 @@ def test_the_prefect_compare_deployment_runs_it_on_a_schedule_and_publishes_the_
     assert dep["schedules"][0]["cron"] and dep["schedules"][0]["active"]
     assert published_tables(["ingest", "compare"]) == [("compare.json", "maelab-compare")]
     assert published_tables(["rmae_full", "report"]) == [("report.json", "maelab-report")]
-
-
-# -- the table --------------------------------------------------------------------------------------------
-def test_rows_and_markdown():
-    metrics = {
-        "tasks": {
-            "linear_probe": {"status": "ok", "top1": 21.25, "top1_std": 1.0},
-            "finetune": {"status": "disabled"},
-        }
-    }
-    report = {
-        "steps": 10,
-        "wall_s": 4.0,
-        "images_per_s": 80.0,
-        "peak_mem_mb": 900.4,
-        "first_loss": 1.0,
-        "last_loss": 0.5,
-    }
-    recipe = {"train": {"batch_size": 32, "accum_steps": 1}}
-    metric_map = {"linear_top1": ["linear_probe", "top1"], "finetune_top1": ["finetune", "top1"]}
-    a = compare_row("a", recipe, report, metrics, metric_map, 1.23456)
-    assert a == {
-        "recipe": "a", "gmacs": 1.2346, "steps": 10, "images": 320, "pretrain_wall_s": 4.0,
-        "images_per_s": 80.0, "peak_mem_mb": 900.0, "first_loss": 1.0, "last_loss": 0.5,
-        "linear_top1": 21.25, "linear_top1_std": 1.0,
-    }  # fmt: skip
-    b = {**a, "recipe": "b", "linear_top1": 30.0, "pretrain_wall_s": 9.0}
-    lines = markdown_table([a, b]).splitlines()
-    assert lines[0].startswith("| pre-training | GMACs | steps | images | pre-train s | img/s | peak MiB")
-    assert "lin. top-1" in lines[0] and "ft. top-1" not in lines[0]  # a task that did not run: no column
-    assert "| 21.2 ± 1.0 |" in lines[2] and "**30.0** ± 1.0" in lines[3]
-    assert "**9.0**" not in lines[3]  # costs are never "best"
 
 
 # -- in memory on micro configs ---------------------------------------------------------------------------
