@@ -3,7 +3,8 @@
 Each Kedro pipeline runs as one Prefect task through ``KedroSession`` (so Kedro hooks, MLflow tracking
 included, fire as under ``kedro run``). Flows:
 
-- ``kedro_flow``: any list of Kedro pipelines, in order; publishes ``report.json`` as a markdown artifact.
+- ``kedro_flow``: any list of Kedro pipelines, in order; publishes ``report.json`` (``compare.json`` after
+  ``compare``) as a markdown artifact. The ``compare`` deployment runs it on a schedule.
 - ``regions_precompute``: ingest, then the region store; ``shards > 1`` runs shards on a Dask cluster.
 - ``rmae_retrain``: pre-train a recipe, evaluate it, register the encoder as ``candidate`` and promote it
   to ``champion`` only if it beats the champion on a metric. Every decision goes to MLflow tags,
@@ -24,7 +25,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from maelab.config import project_root
 from maelab.orchestration import run_kedro_pipeline
-from maelab.orchestration.retrain import compare_and_promote, metric_from_report, pretrain_result, read_json
+from maelab.orchestration.retrain import (
+    compare_and_promote,
+    metric_from_report,
+    pretrain_result,
+    published_tables,
+    read_json,
+)
 from maelab.orchestration.retrain import report_markdown as _report_markdown
 
 
@@ -54,8 +61,8 @@ def kedro_task(
 
 
 @task(name="publish-report")
-def publish_report(project: str, key: str = "maelab-report") -> str | None:
-    path = Path(project) / "data" / "08_reporting" / "report.json"
+def publish_report(project: str, key: str = "maelab-report", table: str = "report.json") -> str | None:
+    path = Path(project) / "data" / "08_reporting" / table
     if not path.is_file():
         get_run_logger().warning("no report at %s; nothing published", path)
         return None
@@ -74,8 +81,8 @@ def kedro_flow(
     """Run Kedro pipelines one after another (each waits for the previous); publish the report if made."""
     root = str(_project(project))
     done = {name: kedro_task(name, env, params, root) for name in pipelines}
-    if "report" in pipelines or "rmae_full" in pipelines:
-        publish_report(root)
+    for table, key in published_tables(pipelines):  # report.json and/or compare.json as markdown
+        publish_report(root, key, table)
     return done
 
 

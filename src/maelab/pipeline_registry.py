@@ -1,6 +1,7 @@
 """Project pipelines, made from the parameters: one ``pretrain_<recipe>`` per entry of ``recipes`` (adding a
 recipe to ``parameters_pretrain.yml`` adds its pipeline), the transfer nodes of the encoders in
-``transfer.evaluate`` and of the enabled tasks, and ``rmae_full`` composed from them.
+``transfer.evaluate`` and of the enabled tasks, ``rmae_full`` composed from them, and ``compare`` (every
+recipe in ``compare.recipes`` trained, transferred and tabulated).
 
 The parameters are those of the run's Kedro env: ``kedro run --env X`` exports ``KEDRO_ENV`` before the
 pipelines are loaded (``maelab.hooks`` does the same for sessions created in code).
@@ -13,7 +14,7 @@ import os
 from kedro.pipeline import Pipeline
 
 from maelab.config import load_config, resolve_recipe
-from maelab.pipelines import ingest, interactive, pretrain, regions, report, rmae_full, transfer
+from maelab.pipelines import compare, ingest, interactive, pretrain, regions, report, rmae_full, transfer
 from maelab.pipelines.transfer.pipeline import evaluated_encoders
 
 
@@ -50,6 +51,9 @@ def build_pipelines(params: dict) -> dict[str, Pipeline]:
         "interactive": interactive.create_pipeline(interactive_recipe),
         "rmae_full": rmae_full.create_pipeline(composed, trainers, transfer_params, interactive_recipe),
     }
+    if params.get("compare"):
+        pretrain_params = {k: params.get(k) or {} for k in ("recipes", "recipe_defaults")}
+        pipelines["compare"] = compare.create_pipeline(params["compare"], pretrain_params, transfer_params)
     pipelines.update({f"pretrain_{name}": pipe for name, pipe in trainers.items()})
     pipelines["__default__"] = pipelines["rmae_full"]
     return pipelines

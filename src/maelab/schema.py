@@ -4,7 +4,7 @@ Checked here: the top-level parameter sections, ``pretrain``, every recipe (``re
 ``recipes.<name>``: ``encoder``, ``masker``, ``heads``, ``data``, ``train``) and ``ingest`` (its sources by
 ``type``). Fixed sections are pydantic models with ``extra="forbid"``; blocks whose keys depend on a
 ``type`` (masker, heads, encoder) are checked against the constructor of the class that ``type`` picks.
-Transfer, regions, report and interactive settings are checked by their own code.
+Transfer, regions, report, interactive and compare settings are checked by their own code.
 
 :func:`check_parameters` runs on the whole parameter tree (a Kedro hook, before any node);
 :func:`check_recipe` runs on one resolved recipe (``python -m maelab.train`` after ``--set``).
@@ -30,6 +30,7 @@ TOP_LEVEL = (
     "report",
     "interactive",
     "rmae_full",
+    "compare",
 )
 RECIPE_SECTIONS = ("name", "encoder", "masker", "heads", "data", "train", "fusion_layers")
 

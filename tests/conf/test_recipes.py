@@ -11,6 +11,7 @@ from maelab.config import load_config, resolve_recipe
 from maelab.masking import build_masker
 from maelab.models import build_pretrainer
 from maelab.models.compat import IncompatibleRecipeError
+from maelab.teachers.build import with_untrained_teachers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -158,6 +159,35 @@ def test_tiny_combinations_build_and_a_bad_one_fails_at_start(params):
     bad["heads"]["region"]["mask_ratio"] = 0.9
     with pytest.raises(IncompatibleRecipeError, match="random_order"):
         build_pretrainer(bad)
+
+
+def test_mimic_on_rmae_is_rmae_plus_mrmaes_mimic_head(params):
+    """MR-MAE's mimic head on R-MAE, from the parts: R-MAE's two branches on one random plan, the mimic head
+    and teacher of the mrmae recipe, each paper's weight ratio to the pixel loss (1:1)."""
+    r, rmae, mrmae = (recipe(params, n) for n in ("rmae_mimic", "rmae", "mrmae"))
+    assert set(r["heads"]) == {"pixel", "region", "mimic"} and r["masker"] == rmae["masker"]
+    assert r["data"]["regions"] == rmae["data"]["regions"]
+    assert r["heads"]["mimic"] == mrmae["heads"]["mimic"] and r["heads"]["pixel"] == mrmae["heads"]["pixel"]
+    region = {k: v for k, v in r["heads"]["region"].items() if k != "weight"}
+    assert region == {k: v for k, v in rmae["heads"]["region"].items() if k != "weight"}
+    weights = {h["weight"] for h in r["heads"].values()}
+    assert weights == {0.5}
+    model = build_pretrainer(with_untrained_teachers(r))
+    assert {type(h).__name__ for h in model.heads.values()} == {"PixelDecoderHead", "RegionHead", "MimicHead"}
+
+
+def test_lomar_windows_with_a_region_head_fail_at_start_with_the_reason(params):
+    """The issue's bad combination with the real parts: LoMaR's window plans cover n windows of k x k
+    tokens, not the patch grid R-MAE's region branch (and MAE's decoder) restore."""
+    bad = recipe(params, "lomar")
+    bad["data"]["regions"] = {"source": "fh", "k": 8}
+    bad["heads"]["region"] = recipe(params, "rmae")["heads"]["region"]
+    with pytest.raises(IncompatibleRecipeError) as err:
+        build_pretrainer(bad)
+    msg = str(err.value)
+    assert "recipe lomar: these parts cannot go together" in msg
+    assert "heads.region (RegionHead) needs plans with 'full_grid'" in msg and "WindowMasker" in msg
+    assert "heads.pixel" not in msg  # the LoMaR head itself is fine with windows
 
 
 # -- LoMaR (Chen et al. 2022) --------------------------------------------------------------------------

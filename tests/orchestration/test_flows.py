@@ -160,10 +160,17 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server, tmp_path):
     _prefect(env, "--no-prompt", "deploy", "--all", cwd=flows_dir)
 
     listing = _prefect(env, "deployment", "ls", cwd=tmp_path)
-    for name in ("regions-precompute/regions-precompute", "rmae-retrain/rmae-retrain", "maelab-kedro/kedro"):
+    for name in (
+        "regions-precompute/regions-precompute",
+        "rmae-retrain/rmae-retrain",
+        "maelab-kedro/kedro",
+        "maelab-kedro/compare",
+    ):
         assert name in listing, listing
     inspect = _prefect(env, "deployment", "inspect", "rmae-retrain/rmae-retrain", cwd=tmp_path)
     assert "0 2 * * 6" in inspect and "'gpu'" in inspect and "'recipe': 'rmae'" in inspect, inspect
+    inspect = _prefect(env, "deployment", "inspect", "maelab-kedro/compare", cwd=tmp_path)
+    assert "0 3 * * 0" in inspect and "'pipelines': ['compare']" in inspect, inspect
 
     if not os.environ.get("MAELAB_TEST_PREFECT_WORKER"):
         return  # the worker round trip below adds ~45 s on 2 cores; MAELAB_TEST_PREFECT_WORKER=1 runs it

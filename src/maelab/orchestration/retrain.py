@@ -13,6 +13,18 @@ from typing import Any
 from maelab.orchestration import registry
 from maelab.orchestration.decision import Decision, DecisionRecord, decide
 
+# Kedro pipeline -> (its table in data/08_reporting, the Prefect artifact key the flows publish it under)
+PUBLISHED_TABLES = {
+    "report": ("report.json", "maelab-report"),
+    "rmae_full": ("report.json", "maelab-report"),
+    "compare": ("compare.json", "maelab-compare"),
+}
+
+
+def published_tables(pipelines: list[str]) -> list[tuple[str, str]]:
+    """The distinct ``(table file, artifact key)`` that running ``pipelines`` produces."""
+    return list(dict.fromkeys(PUBLISHED_TABLES[p] for p in pipelines if p in PUBLISHED_TABLES))
+
 
 def read_json(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)

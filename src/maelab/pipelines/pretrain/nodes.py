@@ -129,11 +129,15 @@ def pretrain(
     recipe: dict[str, Any],
     run_env: str | None,
     region_store: RegionStore | None = None,
+    *,
+    register_encoder: bool = True,
 ) -> tuple[dict[str, Any], str, str, pd.DataFrame]:
     """Train a resolved recipe -> (report, encoder path, model weights path, per-step losses).
 
     run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
     region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
+    register_encoder: register the encoder in the MLflow registry (``compare`` does not: its short runs
+    are no candidates).
     """
     from maelab.orchestration.registry import resolve_init_from  # train.init_from: models:/ -> a file
     from maelab.orchestration.teachers import resolve_teacher_weights  # MR-MAE: models:/ URIs -> files
@@ -158,7 +162,8 @@ def pretrain(
         report["images_per_s"],
         report["wall_s"],
     )
-    register(report, recipe, run_env)
+    if register_encoder:
+        register(report, recipe, run_env)
     model_path, history = export_model(report["checkpoint_path"])
     return report, project_relative(report["encoder_path"]), project_relative(model_path), loss_table(history)
 
