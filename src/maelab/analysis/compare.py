@@ -79,7 +79,7 @@ def compare_row(
         "gmacs": _round(gmacs, 4),
         "steps": steps,
         "images": steps * per_step,
-        "pretrain_wall_s": _round(pretrain_report.get("wall_s"), 1),
+        "pretrain_wall_s": _round(pretrain_report.get("wall_s"), 2),
         "images_per_s": _round(pretrain_report.get("images_per_s"), 1),
         "peak_mem_mb": _round(pretrain_report.get("peak_mem_mb"), 0),
         "first_loss": _round(pretrain_report.get("first_loss"), 4),
