@@ -16,6 +16,7 @@ HANDLERS = {
     "export": "maelab.transfer.export:cli",
     "segment": "maelab.analysis.interactive:cli",
     "segment-eval": "maelab.analysis.interactive:eval_cli",
+    "analyze relations": "maelab.analysis.relations:relations_cli",
 }
 
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--against", default=None, help="a second recipe run side by side at the same image size (e.g. mae)"
     )
     train.add_argument("--json", action="store_true")
+    train.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="edit the recipe"
+    )
     regions = bench_sub.add_parser("regions", help="region store throughput and overhead over felzenszwalb")
     regions.add_argument("--env", default=None)
     regions.add_argument("--images", type=int, default=8)
@@ -96,13 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=100)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
+    analyze = sub.add_parser("analyze", help="analyses of pre-trained checkpoints")
+    analyze_sub = analyze.add_subparsers(dest="analyze", required=True)
+    rel = analyze_sub.add_parser(
+        "relations", help="self-guided MAE's token-relation metrics (σ_F, σ_S, distance, NMI, variance, KL)"
+    )
+    rel.add_argument("--checkpoint", required=True, action="append", help="repeat, in training order")
+    rel.add_argument("--recipe", default=None, help="default: the recipe the training checkpoint carries")
+    rel.add_argument("--env", default=None)
+    rel.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    rel.add_argument("--limit", type=int, default=16)
+    rel.add_argument("--seed", type=int, default=0)
+    rel.add_argument("--out", required=True, help="folder for relations.json and relations.png")
+    rel.add_argument(
+        "--tracking-uri", default=None, help="log both to MLflow (e.g. sqlite:///mlruns/mlflow.db)"
+    )
+    rel.add_argument("--experiment", default="maelab-analysis")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     _quiet_env()
     args = build_parser().parse_args(argv)
-    key = args.command if args.command != "bench" else f"bench {args.bench}"
+    key = args.command
+    if key in ("bench", "analyze"):  # two-word subcommands: "bench train", "analyze relations"
+        key = f"{key} {getattr(args, key)}"
     module, func = HANDLERS[key].split(":")
     sys.exit(getattr(importlib.import_module(module), func)(args) or 0)
 
