@@ -123,24 +123,24 @@ def bench_precision(
     in_step = getattr(getattr(model, "masker", None), "in_step", False)
     counter = iter(range(warmup + steps))
 
-    def step() -> float:  # forward, backward and the engine's own optimiser step
+    def step() -> tuple[float, float]:  # forward, backward and the engine's own optimiser step
         if in_step:  # the step an in-step masker sees advances, as in training
             batch["context"] = MaskContext(next(counter), 0, warmup + steps)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast(precision, device):
             loss = step_model(batch).loss.float()
         (scaler.scale(loss) if scaler else loss).backward()
         optimizer_step(opt, model.parameters(), scaler, recipe.get("train", {}).get("clip_grad"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with RssPeak() as rss:
-        times = [step() for _ in range(steps)]
+        times, cpu_times = zip(*[step() for _ in range(steps)], strict=True)
     med, mean = statistics.median(times), statistics.fmean(times)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
     return {
@@ -148,6 +148,9 @@ def bench_precision(
         "images_per_s": batch_size / med,
         "images_per_s_mean": batch_size / mean,
         "step_ms": med * 1e3,
+        # this process's CPU seconds per step (all its threads): on a shared CPU, unlike wall time, it does
+        # not grow when other processes take the cores (with 1 thread it equals wall time on an idle machine)
+        "cpu_step_ms": statistics.median(cpu_times) * 1e3,
         "peak_mem_mb": peak / 2**20,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
     }
@@ -209,21 +212,26 @@ def bench_against(
     pairs = list(zip(first["results"], second["results"], strict=True))
     speedup = {a["precision"]: a["images_per_s"] / b["images_per_s"] for a, b in pairs}
     speedup_mean = {a["precision"]: a["images_per_s_mean"] / b["images_per_s_mean"] for a, b in pairs}
+    speedup_cpu = {a["precision"]: b["cpu_step_ms"] / a["cpu_step_ms"] for a, b in pairs}
     return {
         "runs": [first, second],
         "speedup": speedup,
         "speedup_mean": speedup_mean,
+        "speedup_cpu_time": speedup_cpu,
         "img_size": recipe["encoder"]["img_size"],
     }
 
 
 def _print_run(out: dict[str, Any]) -> None:
     print(f"{out['recipe']} on {out['device']}, batch {out['batch_size']}, median of {out['steps']} steps")
-    print(f"{'precision':>9} {'images/s':>9} {'(mean)':>9} {'step ms':>9} {'peak MB':>9} {'MFU':>6}")
+    cols = ("images/s", "(mean)", "step ms", "CPU ms", "peak MB")
+    print(f"{'precision':>9} " + " ".join(f"{c:>9}" for c in cols) + f" {'MFU':>6}")
     for r in out["results"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         ips, mean, ms, mb = r["images_per_s"], r["images_per_s_mean"], r["step_ms"], r["peak_mem_mb"]
-        print(f"{r['precision']:>9} {ips:9.2f} {mean:9.2f} {ms:9.1f} {mb:9.0f} {mfu:>6}")
+        print(
+            f"{r['precision']:>9} {ips:9.2f} {mean:9.2f} {ms:9.1f} {r['cpu_step_ms']:9.1f} {mb:9.0f} {mfu:>6}"
+        )
 
 
 def train_cli(args: argparse.Namespace) -> int:
@@ -252,7 +260,8 @@ def train_cli(args: argparse.Namespace) -> int:
             mean = out["speedup_mean"][precision]
             print(
                 f"{args.recipe} / {against} at {out['img_size']} px, {precision}: {ratio:.2f}x images/s "
-                f"(median step; {mean:.2f}x by the mean step)"
+                f"(median step; {mean:.2f}x by the mean step; "
+                f"{out['speedup_cpu_time'][precision]:.2f}x by CPU time)"
             )
         return 0
     out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
