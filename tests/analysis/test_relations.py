@@ -84,6 +84,23 @@ def test_analyze_relations_writes_json_picture_and_mlflow_run(tmp_path, capsys):
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(final["enc_nmi"])
 
 
+def test_a_checkpoint_that_names_its_recipe_gets_it_from_the_config(tmp_path, monkeypatch):
+    from maelab.analysis.relations import checkpoint_recipe
+
+    first, _ = _checkpoints(tmp_path)
+    state = torch.load(first, weights_only=True)
+    torch.save({**state, "recipe": "tiny_sgmae"}, first)  # as the engine saves it: the name
+    asked = []
+
+    def load_recipe(name, env=None):
+        asked.append((name, env))
+        return RECIPE
+
+    monkeypatch.setattr("maelab.config.load_recipe", load_recipe)
+    assert checkpoint_recipe(first, None, "imagenet") == (RECIPE, 10)
+    assert asked == [("tiny_sgmae", "imagenet")]
+
+
 def test_analyze_relations_names_what_is_missing(tmp_path):
     (first, _) = _checkpoints(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):

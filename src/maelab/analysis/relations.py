@@ -13,8 +13,9 @@ are 0).
         --images data/01_raw/scenes/images/val --limit 16 --out data/08_reporting/relations \\
         --tracking-uri sqlite:///mlruns/mlflow.db
 
-A checkpoint is a training ``checkpoint.pt`` (its recipe is read from it) or a safetensors file of a whole
-Pretrainer's state dict (then ``--recipe`` and ``--env`` name the recipe).
+A checkpoint is a training ``checkpoint.pt`` (the recipe it names is loaded from ``--env``'s config; a
+resolved recipe dict in it is used as it is) or a safetensors file of a whole Pretrainer's state dict (then
+``--recipe`` names the recipe); ``--recipe`` always wins.
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ def checkpoint_recipe(path: Path, recipe: str | None, env: str | None) -> tuple[
     if path.suffix != ".safetensors":
         state = torch_load_weights(path)
         step = state.get("step") if isinstance(state, dict) else None
+        saved = state.get("recipe") if isinstance(state, dict) else None
+        if recipe is None and isinstance(saved, dict):  # a resolved recipe
+            return saved, step
+        if recipe is None and isinstance(saved, str):  # the engine saves the recipe's name
+            recipe = saved
         if recipe is None:
-            if not isinstance(state, dict) or not isinstance(state.get("recipe"), dict):
-                raise ValueError(f"{path}: no 'recipe' field in the checkpoint; name it with --recipe")
-            return state["recipe"], step
+            raise ValueError(f"{path}: no 'recipe' field in the checkpoint; name it with --recipe")
     if recipe is None:
         raise ValueError(f"{path}: a safetensors file carries no recipe; name it with --recipe")
     return load_recipe(recipe, env), step
