@@ -120,6 +120,7 @@ def picture(result: dict[str, Any]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [(k, t) for k, t in PANELS if any(k in c["metrics"] for c in result["checkpoints"])]
     cols = 3
@@ -133,6 +134,7 @@ def picture(result: dict[str, Any]) -> bytes:
                 ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("block", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
