@@ -75,6 +75,8 @@ def test_lomar_against_mae_side_by_side(capsys, monkeypatch):
     assert got["speedup"]["fp32"] == ips[0] / ips[1]
     cpu = [r["results"][0]["cpu_step_ms"] for r in got["runs"]]
     assert all(c > 0 for c in cpu) and got["speedup_cpu_time"]["fp32"] == cpu[1] / cpu[0]
+    cpu = [r["results"][0]["cpu_step_ms_mean"] for r in got["runs"]]
+    assert got["speedup_cpu_time_mean"]["fp32"] == cpu[1] / cpu[0]
 
 
 def test_sgmae_after_its_switch_refreshes_on_the_steps_the_recipe_says(capsys, monkeypatch):

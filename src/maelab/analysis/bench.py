@@ -151,6 +151,7 @@ def bench_precision(
         # this process's CPU seconds per step (all its threads): on a shared CPU, unlike wall time, it does
         # not grow when other processes take the cores (with 1 thread it equals wall time on an idle machine)
         "cpu_step_ms": statistics.median(cpu_times) * 1e3,
+        "cpu_step_ms_mean": statistics.fmean(cpu_times) * 1e3,
         "peak_mem_mb": peak / 2**20,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
     }
@@ -213,11 +214,13 @@ def bench_against(
     speedup = {a["precision"]: a["images_per_s"] / b["images_per_s"] for a, b in pairs}
     speedup_mean = {a["precision"]: a["images_per_s_mean"] / b["images_per_s_mean"] for a, b in pairs}
     speedup_cpu = {a["precision"]: b["cpu_step_ms"] / a["cpu_step_ms"] for a, b in pairs}
+    speedup_cpu_mean = {a["precision"]: b["cpu_step_ms_mean"] / a["cpu_step_ms_mean"] for a, b in pairs}
     return {
         "runs": [first, second],
         "speedup": speedup,
         "speedup_mean": speedup_mean,
         "speedup_cpu_time": speedup_cpu,
+        "speedup_cpu_time_mean": speedup_cpu_mean,
         "img_size": recipe["encoder"]["img_size"],
     }
 
@@ -261,7 +264,8 @@ def train_cli(args: argparse.Namespace) -> int:
             print(
                 f"{args.recipe} / {against} at {out['img_size']} px, {precision}: {ratio:.2f}x images/s "
                 f"(median step; {mean:.2f}x by the mean step; "
-                f"{out['speedup_cpu_time'][precision]:.2f}x by CPU time)"
+                f"{out['speedup_cpu_time'][precision]:.2f}x by CPU time, "
+                f"{out['speedup_cpu_time_mean'][precision]:.2f}x by the mean CPU time)"
             )
         return 0
     out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
