@@ -26,6 +26,7 @@ HANDLERS = {
     "segment-eval": "maelab.analysis.interactive:eval_cli",
     "completion": "maelab.command:completion_cli",
     "serve": "maelab.serve.app:cli",
+    "analyze relations": "maelab.analysis.relations:relations_cli",
 }
 ENV_HELP = "Kedro config env over conf/base (imagenet, coco, ade20k, benchmark); default: conf/local only"
 JSON_HELP = "print one JSON object instead of a table"
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--against", default=None, help="a second recipe run side by side at the same image size (e.g. mae)"
     )
     train.add_argument("--json", action="store_true", help=JSON_HELP)
+    train.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="edit the recipe"
+    )
     regions = _sub(bench_sub, "regions", "region store throughput and overhead over felzenszwalb")
     regions.add_argument("--env", default=None, help=ENV_HELP)
     regions.add_argument("--images", type=int, default=8, help="images to time")
@@ -181,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--manifest", default=None, help="manifest whose held-out images to offer")
     serve.add_argument("--max-upload-mb", type=float, default=8.0, help="largest upload accepted, in MB")
+
+    analyze = _sub(sub, "analyze", "analyses of pre-trained checkpoints")
+    analyze_sub = analyze.add_subparsers(dest="analyze", required=True, metavar="ANALYSIS")
+    rel = _sub(
+        analyze_sub,
+        "relations",
+        "self-guided MAE's token-relation metrics (σ_F, σ_S, distance, NMI, variance, KL)",
+    )
+    rel.add_argument("--checkpoint", required=True, action="append", help="repeat, in training order")
+    rel.add_argument("--recipe", default=None, help="default: the recipe the training checkpoint carries")
+    rel.add_argument("--env", default=None, help=ENV_HELP)
+    rel.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    rel.add_argument("--limit", type=int, default=16, help="at most this many images")
+    rel.add_argument("--seed", type=int, default=0, help="seed of the decoder's random mask plan")
+    rel.add_argument("--out", required=True, help="folder for relations.json and relations.png")
+    rel.add_argument(
+        "--tracking-uri", default=None, help="log both to MLflow (e.g. sqlite:///mlruns/mlflow.db)"
+    )
+    rel.add_argument("--experiment", default="maelab-analysis", help="MLflow experiment of the analysis run")
     return parser
 
 
@@ -195,7 +218,9 @@ def completion_cli(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     _quiet_env()
     args = build_parser().parse_args(argv)
-    key = args.command if args.command != "bench" else f"bench {args.bench}"
+    key = args.command
+    if key in ("bench", "analyze"):  # two-word subcommands: "bench train", "analyze relations"
+        key = f"{key} {getattr(args, key)}"
     module, func = HANDLERS[key].split(":")
     sys.exit(getattr(importlib.import_module(module), func)(args) or 0)
 

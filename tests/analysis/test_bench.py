@@ -1,6 +1,7 @@
 import argparse
 import json
 
+import pytest
 import torch
 
 from maelab.analysis.bench import PEAK_BF16_TFLOPS, bench_train, device_peak_tflops, train_cli
@@ -72,3 +73,47 @@ def test_lomar_against_mae_side_by_side(capsys, monkeypatch):
     assert [r["recipe"] for r in got["runs"]] == ["lomar", "mae"] and got["img_size"] == 64  # MAE at 64 too
     ips = [r["results"][0]["images_per_s"] for r in got["runs"]]
     assert got["speedup"]["fp32"] == ips[0] / ips[1]
+    cpu = [r["results"][0]["cpu_step_ms"] for r in got["runs"]]
+    assert all(c > 0 for c in cpu) and got["speedup_cpu_time"]["fp32"] == cpu[1] / cpu[0]
+    cpu = [r["results"][0]["cpu_step_ms_mean"] for r in got["runs"]]
+    assert got["speedup_cpu_time_mean"]["fp32"] == cpu[1] / cpu[0]
+
+
+def test_sgmae_after_its_switch_refreshes_on_the_steps_the_recipe_says(capsys, monkeypatch):
+    from maelab.masking.self_guided import SelfGuidedMasker
+
+    sgmae = {
+        **TINY,
+        "name": "sgmae",
+        "masker": {"type": "self_guided", "ratio": 0.75, "monitor_every": 0, "monitor_size": 2},
+    }
+    monkeypatch.setattr("maelab.config.load_recipe", lambda name, env=None: {**sgmae, "name": name})
+    informed_steps = []
+    scores = SelfGuidedMasker.scores
+
+    def counted(self, model, images, epoch):
+        informed_steps.append(self.refresh_every)
+        return scores(self, model, images, epoch)
+
+    monkeypatch.setattr(SelfGuidedMasker, "scores", counted)
+
+    def run(*sets):  # 2 warm-up + 4 timed steps: steps 0..5 of the in-step masker's context
+        args = argparse.Namespace(
+            recipe="sgmae", env=None, steps=4, batch_size=2, precision="fp32", device="cpu", json=True,
+            against=None, sets=["masker.switch_at_step=0", *sets],
+        )  # fmt: skip
+        assert train_cli(args) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    got = run()
+    assert informed_steps == [1] * 6  # after the switch, an informed mask every step
+    assert got["results"][0]["images_per_s_mean"] > 0
+    informed_steps.clear()
+    run("masker.refresh_every=3")
+    assert informed_steps == [3, 3]  # steps 0 and 3 only
+    args = argparse.Namespace(
+        recipe="sgmae", env=None, steps=1, batch_size=2, precision="fp32", device="cpu", json=True,
+        against=None, sets=["masker.refresh_evry=3"],
+    )  # fmt: skip
+    with pytest.raises(Exception, match="refresh_evry"):
+        train_cli(args)

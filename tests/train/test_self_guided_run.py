@@ -77,3 +77,20 @@ def test_rates_phase_and_switch_step_reach_mlflow_with_pictures(manifest, tmp_pa
     assert len(curve) == 4 and all(0 < m.value < 1 for m in curve)
     pngs = [a.path for a in client.list_artifacts(r.mlflow_run_id, "reconstructions")]
     assert "reconstructions/reconstruction_step_0000003.png" in pngs  # informed masks next to their images
+    assert "reconstructions/informed_mask_step_0000003.png" in pngs  # and the relevance they came from
+
+
+def test_the_informed_mask_picture_puts_each_mask_under_its_image():
+    from maelab.analysis.viz import informed_mask_grid
+
+    image = torch.zeros(2, 3, 16, 16)  # normalised 0: the ImageNet mean colour
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])  # 2 x 2 patches of 8 px
+    mask = scores > 2.5
+    grid = informed_mask_grid(image, scores, mask, scale=1)  # [3 * 16, 2 * 16, 3]
+    assert grid.shape == (48, 32, 3)
+    heat = grid[16:32, :, 0].astype(int)
+    assert heat[0, 0] == 255 and heat[8, 8] == 0 and heat[8, 24] == 255  # most / least relevant patches
+    masked = grid[32:48]
+    gray = round(0.5 * 255)
+    assert (masked[0, 0] == gray).all() and (masked[8, 8] != gray).any()  # masked / kept, first image
+    assert (masked[8, 24] == gray).all() and (masked[0, 16] != gray).any()  # second image

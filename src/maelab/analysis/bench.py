@@ -7,7 +7,15 @@ fresh model after warm-up steps. On a GPU it also reports model-FLOPs utilisatio
 
 with the forward MACs of ``maelab.analysis.flops.count_gmacs`` (3x: forward + backward).
 
+An in-step masker (self-guided MAE) gets a ``MaskContext`` whose step advances with every step timed
+(warm-up included), as in training, so ``--set masker.refresh_every=N`` takes effect; with it the steps
+differ, so the mean images/s (``images_per_s_mean``) is reported beside the median.
+``--set KEY.PATH=VALUE`` edits the recipe (not ``--against``'s), e.g. ``masker.switch_at_step=0`` to time
+self-guided MAE after its switch.
+
     maelab bench train --recipe mae --env imagenet --batch-size 8 --precision bf16,fp32 --steps 5 --json
+    maelab bench train --recipe sgmae --against mae --env imagenet --batch-size 2 --steps 8 \
+        --set masker.switch_at_step=0 --set masker.refresh_every=4
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 
 import torch
 
+from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets; SXM parts unless named)
@@ -111,29 +120,38 @@ def bench_precision(
     scaler = grad_scaler(precision, device)
     step_model = torch.compile(model) if recipe.get("train", {}).get("compile") else model
     batch = synthetic_batch(model, recipe, batch_size, device)
+    in_step = getattr(getattr(model, "masker", None), "in_step", False)
+    counter = iter(range(warmup + steps))
 
-    def step() -> float:  # forward, backward and the engine's own optimiser step
-        t0 = time.perf_counter()
+    def step() -> tuple[float, float]:  # forward, backward and the engine's own optimiser step
+        if in_step:  # the step an in-step masker sees advances, as in training
+            batch["context"] = MaskContext(next(counter), 0, warmup + steps)
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast(precision, device):
             loss = step_model(batch).loss.float()
         (scaler.scale(loss) if scaler else loss).backward()
         optimizer_step(opt, model.parameters(), scaler, recipe.get("train", {}).get("clip_grad"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with RssPeak() as rss:
-        times = [step() for _ in range(steps)]
-    med = statistics.median(times)
+        times, cpu_times = zip(*[step() for _ in range(steps)], strict=True)
+    med, mean = statistics.median(times), statistics.fmean(times)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
     return {
         "precision": precision,
         "images_per_s": batch_size / med,
+        "images_per_s_mean": batch_size / mean,
         "step_ms": med * 1e3,
+        # this process's CPU seconds per step (all its threads): on a shared CPU, unlike wall time, it does
+        # not grow when other processes take the cores (with 1 thread it equals wall time on an idle machine)
+        "cpu_step_ms": statistics.median(cpu_times) * 1e3,
+        "cpu_step_ms_mean": statistics.fmean(cpu_times) * 1e3,
         "peak_mem_mb": peak / 2**20,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
     }
@@ -192,27 +210,45 @@ def bench_against(
     batch_size = int(batch_size or recipe["train"]["batch_size"])
     first = bench_train(recipe, precisions, batch_size, steps, device, warmup)
     second = bench_train(other, precisions, batch_size, steps, device, warmup)
-    speedup = {
-        a["precision"]: a["images_per_s"] / b["images_per_s"]
-        for a, b in zip(first["results"], second["results"], strict=True)
+    pairs = list(zip(first["results"], second["results"], strict=True))
+    speedup = {a["precision"]: a["images_per_s"] / b["images_per_s"] for a, b in pairs}
+    speedup_mean = {a["precision"]: a["images_per_s_mean"] / b["images_per_s_mean"] for a, b in pairs}
+    speedup_cpu = {a["precision"]: b["cpu_step_ms"] / a["cpu_step_ms"] for a, b in pairs}
+    speedup_cpu_mean = {a["precision"]: b["cpu_step_ms_mean"] / a["cpu_step_ms_mean"] for a, b in pairs}
+    return {
+        "runs": [first, second],
+        "speedup": speedup,
+        "speedup_mean": speedup_mean,
+        "speedup_cpu_time": speedup_cpu,
+        "speedup_cpu_time_mean": speedup_cpu_mean,
+        "img_size": recipe["encoder"]["img_size"],
     }
-    return {"runs": [first, second], "speedup": speedup, "img_size": recipe["encoder"]["img_size"]}
 
 
 def _print_run(out: dict[str, Any]) -> None:
     print(f"{out['recipe']} on {out['device']}, batch {out['batch_size']}, median of {out['steps']} steps")
-    print(f"{'precision':>9} {'images/s':>9} {'step ms':>9} {'peak MB':>9} {'MFU':>6}")
+    cols = ("images/s", "(mean)", "step ms", "CPU ms", "peak MB")
+    print(f"{'precision':>9} " + " ".join(f"{c:>9}" for c in cols) + f" {'MFU':>6}")
     for r in out["results"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-        ips, ms, mb = r["images_per_s"], r["step_ms"], r["peak_mem_mb"]
-        print(f"{r['precision']:>9} {ips:9.2f} {ms:9.1f} {mb:9.0f} {mfu:>6}")
+        ips, mean, ms, mb = r["images_per_s"], r["images_per_s_mean"], r["step_ms"], r["peak_mem_mb"]
+        print(
+            f"{r['precision']:>9} {ips:9.2f} {mean:9.2f} {ms:9.1f} {r['cpu_step_ms']:9.1f} {mb:9.0f} {mfu:>6}"
+        )
 
 
 def train_cli(args: argparse.Namespace) -> int:
     from maelab.config import load_recipe
     from maelab.teachers.build import with_untrained_teachers
 
-    recipe = with_untrained_teachers(load_recipe(args.recipe, args.env))  # speed does not depend on weights
+    recipe = load_recipe(args.recipe, args.env)
+    if getattr(args, "sets", None):
+        from maelab.schema import check_recipe
+        from maelab.train.__main__ import apply_sets
+
+        recipe = apply_sets(recipe, args.sets)
+        check_recipe(recipe)  # a misspelt --set key stops here, naming it
+    recipe = with_untrained_teachers(recipe)  # speed does not depend on weights
     precisions = [p.strip() for p in (args.precision or recipe["train"].get("precision", "auto")).split(",")]
     against = getattr(args, "against", None)
     if against:
@@ -224,7 +260,13 @@ def train_cli(args: argparse.Namespace) -> int:
         for run in out["runs"]:
             _print_run(run)
         for precision, ratio in out["speedup"].items():
-            print(f"{args.recipe} / {against} at {out['img_size']} px, {precision}: {ratio:.2f}x images/s")
+            mean = out["speedup_mean"][precision]
+            print(
+                f"{args.recipe} / {against} at {out['img_size']} px, {precision}: {ratio:.2f}x images/s "
+                f"(median step; {mean:.2f}x by the mean step; "
+                f"{out['speedup_cpu_time'][precision]:.2f}x by CPU time, "
+                f"{out['speedup_cpu_time_mean'][precision]:.2f}x by the mean CPU time)"
+            )
         return 0
     out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
     if args.json:

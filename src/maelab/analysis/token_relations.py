@@ -19,8 +19,10 @@ All take one layer's tokens of a batch of images and return the batch mean (a fl
   rows as they are, cosine rows through a softmax (our choice; the paper does not say how it makes ``M``
   a distribution); the mean over rows.
 
-``relation_profile`` runs them over every encoder and decoder block of a Pretrainer. The analysis command
-that runs it on checkpoints, writes the picture and the JSON and logs them to MLflow is not written yet.
+``relation_profile`` runs them over every encoder and decoder block of a Pretrainer and ``relation_drift``
+gives Eq. 4 per encoder block between two checkpoints' relations (``encoder_relations``). The command that
+runs them on checkpoints, draws the picture, writes the JSON and logs both to MLflow is
+``maelab analyze relations`` (``maelab.analysis.relations``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maelab.masking.ncut import cosine_matrix
+from maelab.models.attention import record_attention
+from maelab.models.heads import PixelDecoderHead
 
 
 def feature_variance(x: Tensor) -> float:
@@ -98,24 +102,57 @@ def relation_kl(r_now: Tensor, r_final: Tensor, kind: str = "attention") -> floa
 
 
 @torch.no_grad()
-def relation_profile(model: torch.nn.Module, images: Tensor, plan: Any) -> dict[str, list[float]]:
-    """The metrics per layer of a Pretrainer with a pixel decoder, the ground for Fig. 6 / Fig. 7 / Table 1:
-
-    - ``enc_sigma_f``, ``enc_sigma_s``, ``enc_attention_distance``, ``enc_nmi``: every encoder block on the
-      full image ``E(X)`` (patch tokens, CLS left out of σ);
-    - ``dec_sigma_f``, ``dec_sigma_s``, ``dec_masked_token_variance``: every decoder block in the practical
-      setting ``D([E(X_v); m])`` with ``plan`` (a ``MaskPlan [B, L]``).
-    """
+def encoder_relations(model: torch.nn.Module, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """One full-image pass ``E(X)`` through every encoder block: the attention maps ``A`` [B, h, 1+L, 1+L]
+    and the block outputs [B, 1+L, D] (CLS first), per block."""
     encoder = model.encoder
     blocks = list(range(encoder.depth))
-    _, enc_attn = encoder.forward_attention(images, None, blocks)
-    _, enc_feats = encoder.forward_intermediates(images, None, blocks)
+    with record_attention(encoder.blocks, blocks) as maps:
+        _, feats = encoder.forward_intermediates(images, None, blocks)
+    return [maps[i] for i in blocks], feats
+
+
+def relation_drift(
+    now: tuple[list[Tensor], list[Tensor]], final: tuple[list[Tensor], list[Tensor]]
+) -> dict[str, list[float]]:
+    """Eq. 4, ``δ_i = mean_I KL(R_now^(i)(I) || R_final^(i)(I))`` per encoder block ``i``, for both of §3.3's
+    relations: ``enc_kl_attention`` (``A``, every head's rows) and ``enc_kl_cosine`` (``M`` of the patch
+    tokens, rows through a softmax); ``now`` / ``final``: ``encoder_relations`` of the same images."""
+    (attn_now, feats_now), (attn_final, feats_final) = now, final
+    return {
+        "enc_kl_attention": [relation_kl(a, b) for a, b in zip(attn_now, attn_final, strict=True)],
+        "enc_kl_cosine": [
+            relation_kl(cosine_matrix(a[:, 1:]), cosine_matrix(b[:, 1:]), kind="cosine")
+            for a, b in zip(feats_now, feats_final, strict=True)
+        ],
+    }
+
+
+@torch.no_grad()
+def relation_profile(
+    model: torch.nn.Module,
+    images: Tensor,
+    plan: Any,
+    relations: tuple[list[Tensor], list[Tensor]] | None = None,
+) -> dict[str, list[float]]:
+    """The metrics per layer of a Pretrainer, the ground for Fig. 6 / Fig. 7 / Table 1:
+
+    - ``enc_sigma_f``, ``enc_sigma_s``, ``enc_attention_distance``, ``enc_nmi``: every encoder block on the
+      full image ``E(X)`` (patch tokens, CLS left out of σ); ``relations``: ``encoder_relations`` of these
+      images when the caller has them already;
+    - with a pixel decoder, ``dec_sigma_f``, ``dec_sigma_s``, ``dec_masked_token_variance``: every decoder
+      block in the practical setting ``D([E(X_v); m])`` with ``plan`` (a ``MaskPlan [B, L]``).
+    """
+    encoder = model.encoder
+    enc_attn, enc_feats = relations or encoder_relations(model, images)
     out: dict[str, list[float]] = {
         "enc_sigma_f": [feature_variance(f[:, 1:]) for f in enc_feats],
         "enc_sigma_s": [similarity_variance(f[:, 1:]) for f in enc_feats],
-        "enc_attention_distance": [attention_distance(enc_attn[i], encoder.grid) for i in blocks],
-        "enc_nmi": [attention_nmi(enc_attn[i]) for i in blocks],
+        "enc_attention_distance": [attention_distance(a, encoder.grid) for a in enc_attn],
+        "enc_nmi": [attention_nmi(a) for a in enc_attn],
     }
+    if not any(isinstance(h, PixelDecoderHead) for h in getattr(model, "heads", {}).values()):
+        return out
     _, head = model.pixel_head()
     captured: list[Tensor] = []
     hooks = [blk.register_forward_hook(lambda _m, _a, y: captured.append(y)) for blk in head.decoder_blocks]

@@ -1,5 +1,6 @@
 """Pictures: the MAE-style reconstruction grid (He et al. 2022, Fig. 2): masked / reconstruction / input,
-R-MAE's region grid, and ``training_pictures``: what the engine logs to the tracker for a training step."""
+R-MAE's region grid, self-guided MAE's informed masks (Shi et al. 2024, Fig. 5: image / relevance / mask),
+and ``training_pictures``: what the engine logs to the tracker for a training step."""
 
 from __future__ import annotations
 
@@ -98,10 +99,37 @@ def region_grid(
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def informed_mask_grid(
+    image: Tensor, scores: Tensor, mask: Tensor, max_images: int = 8, scale: int = 2, gray: float = 0.5
+) -> np.ndarray:
+    """Self-guided MAE's informed masks next to their images: an ``[3*H, cols*W, 3]`` uint8 grid, one column
+    per sample. Rows: the image, the relevance ``S`` of every patch to the target cluster (Eq. 8; min-max
+    per image, dark to bright red), the masked input (masked patches gray; hint tokens stay visible).
+
+    image: [B, 3, H, W] normalised; scores: [B, L]; mask: [B, L] bool (True = masked)."""
+    n = min(max_images, image.shape[0])
+    img = denormalize(image[:n].detach().cpu())
+    size = tuple(img.shape[-2:])
+    s = scores[:n].detach().cpu().float()
+    lo, hi = s.min(-1, keepdim=True).values, s.max(-1, keepdim=True).values
+    s = (s - lo) / (hi - lo).clamp_min(1e-12)  # [n, L] in [0, 1]
+    heat = pixel_mask(s, size)  # [n, 1, H, W] (nearest: one value per patch)
+    heat = torch.cat([heat, heat * 0.25, heat * 0.25], dim=1)  # [n, 3, H, W] red ramp
+    m = pixel_mask(mask[:n].detach().cpu(), size)
+    rows = [img, heat, img * (1 - m) + gray * m]
+    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # [3, 3H, n*W]
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
 def training_pictures(model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, bytes]:
     """PNGs of one training step, ``{name: png}``: ``reconstruction`` (the pixel reconstruction grid) when
-    the model reconstructs pixels, and ``<head>`` for every region head (R-MAE's region grid). The engine
+    the model reconstructs pixels, ``<head>`` for every region head (R-MAE's region grid), and, once
+    self-guided MAE's masker has switched, ``informed_mask`` (the step's informed masks beside their images
+    and the relevance they came from: one more no-grad pass, on the picture's images only). The engine
     calls this with ``train(..., pictures=training_pictures)``; models only return tensors."""
+    from maelab.masking.self_guided import INFORMED, SelfGuidedMasker
     from maelab.models.heads import LomarHead, PixelDecoderHead, RegionHead
     from maelab.models.heads.region import region_plan
 
@@ -124,4 +152,11 @@ def training_pictures(model: nn.Module, batch: dict[str, Any], outputs: Any) -> 
             pics[name] = region_grid(
                 batch["image"], batch[head.key], outputs.outputs[name], rmask, head.spec.patch_size
             )
+    masker = getattr(model, "masker", None)
+    context = batch.get("context")
+    step, epoch = (context.step, context.epoch) if context is not None else (0, 0)
+    if isinstance(masker, SelfGuidedMasker) and masker.phase == INFORMED and step % masker.refresh_every == 0:
+        images = batch["image"][:8]
+        scores = masker.scores(model, images, epoch)
+        pics["informed_mask"] = informed_mask_grid(images, scores, plan.mask[:8])
     return {name: png_bytes(array) for name, array in pics.items()}
