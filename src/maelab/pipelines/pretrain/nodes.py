@@ -109,7 +109,8 @@ def pretrain(
         from maelab.analysis.viz import training_pictures
         from maelab.config import mlflow_settings
 
-        report = train(recipe, manifest, mlflow=mlflow_settings(run_env), pictures=training_pictures).report()
+        tracking = {**mlflow_settings(run_env), "tags": run_tags(recipe, run_env)}
+        report = train(recipe, manifest, mlflow=tracking, pictures=training_pictures).report()
     log.info(
         "pretrain %s: %d steps, loss %.4f -> %.4f, %.1f img/s, %.0f s",
         recipe["name"],
@@ -121,6 +122,11 @@ def pretrain(
     )
     register(report, recipe, run_env)
     return report, str(Path(report["encoder_path"])), str(Path(report["checkpoint_path"]))
+
+
+def run_tags(recipe: dict[str, Any], env: str | None) -> dict[str, str]:
+    """The MLflow tags of a pre-training run made by this node: Kedro env and pipeline."""
+    return {"maelab.env": env or "local", "maelab.pipeline": f"pretrain_{recipe['name']}"}
 
 
 def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) -> None:
