@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import secrets
 import sqlite3
 import subprocess
@@ -64,7 +65,7 @@ def unique_run_name(name: str) -> str:
 
 def git_tags(root: str | Path | None = None) -> dict[str, str]:
     """MLflow's git tags (``mlflow.source.git.commit`` / ``.branch``) and ``maelab.git.dirty`` of the
-    project checkout; empty outside a git work tree (an installed copy, a container without .git)."""
+    project checkout; outside a git work tree only ``$MAELAB_GIT_COMMIT`` (set by the Dockerfile)."""
     cwd = Path(root) if root else project_root()
 
     def git(*args: str) -> str | None:
@@ -77,8 +78,9 @@ def git_tags(root: str | Path | None = None) -> dict[str, str]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    if not commit:
-        return {}
+    if not commit:  # no work tree (the container image): the commit it was built from, if recorded
+        baked = os.environ.get("MAELAB_GIT_COMMIT", "")
+        return {"mlflow.source.git.commit": baked} if baked else {}
     tags = {"mlflow.source.git.commit": commit}
     branch = git("rev-parse", "--abbrev-ref", "HEAD")
     if branch and branch != "HEAD":

@@ -72,6 +72,17 @@ def launch_torchrun(
     return json.loads((out / RESULT).read_text())
 
 
+def resolve_devices(devices: int | str | None) -> int:
+    """``train.devices``: a count, or ``auto`` = every GPU this machine shows (1 without one)."""
+    if devices in (None, ""):
+        return 1
+    if str(devices).lower() == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return int(devices)
+
+
 def with_region_store(recipe: dict[str, Any], region_store: RegionStore | None) -> dict[str, Any]:
     """The recipe with ``data.regions.store`` set to its source's folder in the ``region_store`` dataset."""
     regions = recipe.get("data", {}).get("regions")
@@ -102,7 +113,7 @@ def pretrain(
     from maelab.train.engine import train
 
     recipe = resolve_teacher_weights(with_region_store(recipe, region_store), run_env)
-    devices = int(recipe["train"].get("devices") or 1)
+    devices = resolve_devices(recipe["train"].get("devices"))
     if devices > 1:
         report = launch_torchrun(recipe, manifest, devices, run_env)
     else:
