@@ -15,6 +15,7 @@ that lost tracking is closed as ``FAILED`` when the server can still be reached.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import secrets
@@ -91,6 +92,24 @@ def git_tags(root: str | Path | None = None) -> dict[str, str]:
     return tags
 
 
+TAGS_ENV = "MAELAB_MLFLOW_TAGS"  # JSON object of extra run tags (the Kedro node passes its own to torchrun)
+
+
+def env_tags() -> dict[str, str]:
+    """``$MAELAB_MLFLOW_TAGS`` (a JSON object) as run tags; malformed JSON is ignored with a warning."""
+    raw = os.environ.get(TAGS_ENV)
+    if not raw:
+        return {}
+    try:
+        tags = json.loads(raw)
+        if not isinstance(tags, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        warnings.warn(f"${TAGS_ENV} ignored ({exc}): {raw[:200]!r}", RuntimeWarning, stacklevel=2)
+        return {}
+    return {str(k): str(v) for k, v in tags.items()}
+
+
 class Tracker:
     """One fluent MLflow run; every call is guarded, and after the first failure it goes quiet."""
 
@@ -151,6 +170,7 @@ class Tracker:
             all_tags = {
                 "maelab.recipe": name,
                 **git_tags(),
+                **env_tags(),
                 **dict(self.settings.get("tags") or {}),
                 **dict(tags or {}),
             }

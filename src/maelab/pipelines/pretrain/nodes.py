@@ -64,7 +64,10 @@ def launch_torchrun(
     if env:
         cmd += ["--env", env]
     log.info("launching %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+    tags = json.dumps(run_tags(recipe, env))  # rank 0's tracker reads them (maelab.train.tracking.TAGS_ENV)
+    proc = subprocess.run(
+        cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "MAELAB_MLFLOW_TAGS": tags}, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(
             f"torchrun for recipe {recipe.get('name')!r} failed with exit code {proc.returncode}"
