@@ -4,7 +4,8 @@
 replaced by a fake that writes what the real pipelines write; ``... kedro PROJECT PIPELINE`` runs
 ``kedro_flow`` on a real pipeline; ``... resume PROJECT`` runs ``kedro_flow`` on ingest + the real
 ``pretrain_mae`` with one retry, its first attempt killed (an exception, as a lost torchrun rank raises)
-right after its first checkpoint. Prints one JSON line with results and the Prefect artifacts.
+right after its first checkpoint; ``... fail PROJECT`` runs ``kedro_flow`` on a pipeline that does not
+exist (the failure hooks). Prints one JSON line with results and the Prefect artifacts.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ def main() -> None:
         flows.kedro_flow(pipelines=["ingest", "pretrain_mae"], project=project)
         report = json.loads((Path(project) / "data/08_reporting/pretrain_mae.json").read_text())
         results = [{"saved": saved, "report": report}]
+    elif mode == "fail":  # a pipeline that does not exist: the task fails, then the flow; both hooks fire
+        try:
+            flows.kedro_flow(pipelines=["no_such_pipeline"], project=project)
+            results = [{"raised": None}]
+        except Exception as exc:  # noqa: BLE001
+            results = [{"raised": type(exc).__name__}]
     else:
         results = [flows.kedro_flow(pipelines=[sys.argv[3]], project=project)]
     print("RESULT " + json.dumps({"results": results, "artifacts": artifacts()}, default=str))

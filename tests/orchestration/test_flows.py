@@ -144,6 +144,15 @@ def test_a_retried_pretraining_resumes_from_its_last_checkpoint(kedro_project, p
     assert saved[0]["run_id"] and saved[0]["run_id"] == saved[1]["run_id"] == report["mlflow_run_id"]
 
 
+def test_failed_task_and_flow_leave_failure_artifacts(kedro_project, prefect_env):
+    out = _driver(prefect_env, kedro_project, "fail")
+    assert out["results"] == [{"raised": "KeyError"}]
+    failures = {a["key"]: a["data"] for a in out["artifacts"] if (a["key"] or "").startswith("failure-")}
+    assert set(failures) == {"failure-task", "failure-flow"}, failures
+    assert "no Kedro pipeline 'no_such_pipeline'" in failures["failure-task"]
+    assert "Failed" in failures["failure-flow"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
