@@ -116,6 +116,8 @@ def _train(
     run = setup_run(recipe, manifest, out_dir, build_model, extras)
     resume = bool(tcfg.get("resume", False)) if resume is None else resume
     state = resume_state(run, resume)
+    if not resume and run.dist.is_main:
+        set_aside_checkpoint(run.checkpoint)
     bpe = run.batches_per_epoch
     loader, _ = build_loader(
         run.dataset,
@@ -278,6 +280,15 @@ def log_pictures(
         pngs = pictures(run.raw, batch, outputs)
     for name, png in pngs.items():
         tracker.log_image(png, name, step_done)
+
+
+def set_aside_checkpoint(checkpoint: Path) -> None:
+    """A fresh run moves an earlier run's checkpoint to ``checkpoint.previous.pt``: if this run dies before
+    its first save, a resume (a Prefect retry) must start over, not continue the earlier run."""
+    if checkpoint.is_file():
+        previous = checkpoint.with_name(f"{checkpoint.stem}.previous{checkpoint.suffix}")
+        checkpoint.replace(previous)
+        log.info("fresh run: the earlier checkpoint is now %s", previous)
 
 
 def run_tags(run: Run) -> dict[str, str]:
