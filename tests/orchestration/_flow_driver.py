@@ -101,6 +101,33 @@ def main() -> None:
         flows.kedro_flow(pipelines=["ingest", "pretrain_mae"], project=project)
         report = json.loads((Path(project) / "data/08_reporting/pretrain_mae.json").read_text())
         results = [{"saved": saved, "report": report}]
+    elif mode == "precompute":  # the retrain flow hands ingest + regions to the CPU deployment
+        import prefect.deployments
+        from prefect import flow
+        from prefect.states import Completed, Failed
+
+        calls, ran = [], []
+        flows.run_kedro_pipeline = lambda name, *a, **k: ran.append(name) or [name]
+
+        def fake_run_deployment(name, parameters=None, **kwargs):
+            calls.append({"name": name, "parameters": parameters})
+            state = Completed() if len(calls) == 1 else Failed(message="worker lost")
+            return type("FlowRun", (), {"id": f"run-{len(calls)}", "state": state})()
+
+        prefect.deployments.run_deployment = fake_run_deployment
+
+        @flow
+        def probe(deployment):
+            return flows.precompute_on_cpu(deployment, ["ingest", "regions"], "coco", {"a": 1}, project)
+
+        first = probe("regions-precompute/regions-precompute")
+        try:
+            probe("regions-precompute/regions-precompute")
+            second = None
+        except RuntimeError as exc:
+            second = str(exc)
+        third = probe(None)
+        results = [{"calls": calls, "first": first, "second": second, "third": third, "ran": ran}]
     elif mode == "fail":  # a pipeline that does not exist: the task fails, then the flow; both hooks fire
         try:
             flows.kedro_flow(pipelines=["no_such_pipeline"], project=project)

@@ -144,6 +144,15 @@ def test_a_retried_pretraining_resumes_from_its_last_checkpoint(kedro_project, p
     assert saved[0]["run_id"] and saved[0]["run_id"] == saved[1]["run_id"] == report["mlflow_run_id"]
 
 
+def test_retrain_precompute_runs_as_the_cpu_deployment(kedro_project, prefect_env):
+    out = _driver(prefect_env, kedro_project, "precompute")["results"][0]
+    params = {"env": "coco", "params": {"a": 1}, "ingest": True, "project": None}
+    assert out["calls"] == [{"name": "regions-precompute/regions-precompute", "parameters": params}] * 2
+    assert out["first"] == "deployment regions-precompute/regions-precompute (flow run run-1)"
+    assert "ended Failed" in out["second"]  # a failed CPU run fails the retrain flow
+    assert out["third"] == "in-process" and out["ran"] == ["ingest", "regions"]  # no deployment: here
+
+
 def test_failed_task_and_flow_leave_failure_artifacts(kedro_project, prefect_env):
     out = _driver(prefect_env, kedro_project, "fail")
     assert out["results"] == [{"raised": "KeyError"}]
