@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -59,7 +59,7 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
     device: str | None = "auto"
-    devices: int = Field(1, ge=1)
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1  # auto: every visible GPU (1 on a CPU)
     seed: int = Field(0, ge=0)
     resume: bool = False
     # a full pre-training state to continue from: models:/NAME@ALIAS (resolved by the caller) or a file

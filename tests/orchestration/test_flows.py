@@ -75,6 +75,16 @@ def test_retrain_flow_promotes_only_better(kedro_project, prefect_env):
     keys = [a["key"] for a in out["artifacts"]]
     assert keys.count("retrain-decision-rmae") == 3 and keys.count("maelab-report") == 3
     assert any("**promote**" in a["data"] and "| 0.35 |" in a["data"] for a in out["artifacts"])
+    # the report as a table artifact whose rmae row links to the MLflow run and the model version
+    tables = [json.loads(a["data"]) for a in out["artifacts"] if a["key"] == "maelab-report-table"]
+    assert len(tables) == 3 and all(t[0]["recipe"] == "rmae" for t in tables)
+    for table in tables:
+        row = table[0]
+        assert "/#/experiments/" in row["mlflow_run"] and "/runs/" in row["mlflow_run"], row
+        assert "/#/models/maelab-rmae-vit-t8-64/versions/" in row["model_version"], row
+    versions = sorted(int(t[0]["model_version"].rsplit("/", 1)[1]) for t in tables)
+    assert versions == [1, 2, 3]
+    assert keys.count("mlflow-run") == 3 and keys.count("model-version") == 3
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{kedro_project}/mlruns/mlflow.db"  # fixture-set
     from maelab.orchestration import registry
@@ -99,6 +109,57 @@ def test_kedro_flow_runs_ingest(kedro_project, prefect_env):
     out = _driver(prefect_env, kedro_project, "kedro", "ingest")
     assert "ingest" in out["results"][0]
     assert (kedro_project / "data" / "02_intermediate" / "manifest.parquet").is_file()
+
+
+def test_a_retried_pretraining_resumes_from_its_last_checkpoint(kedro_project, prefect_env):
+    """The first attempt of pretrain_mae dies after its step-2 checkpoint; Prefect's retry resumes there
+    (steps 3-4 only, the same MLflow run) instead of starting over at step 0."""
+    import yaml
+
+    from maelab.config import deep_merge
+
+    scenes = {"type": "scenes", "root": "data/01_raw/scenes", "seed": 0, "size": 32, "splits": {"train": 8}}
+    local = kedro_project / "conf" / "local"
+    (local / "parameters_ingest.yml").write_text(json.dumps({"ingest": {"workers": 0, "sources": [scenes]}}))
+    base = yaml.safe_load((REPO / "conf" / "base" / "parameters_pretrain.yml").read_text())
+    micro = {
+        "encoder": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        "data": {"num_workers": 0},
+        "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "ckpt_every": 2, "log_every": 1},
+    }
+    micro["train"].update(image_every=0, device="cpu")
+    pretrain = {
+        **base,
+        "recipe_defaults": deep_merge(base["recipe_defaults"], micro),
+        "recipes": {
+            "mae": deep_merge(base["recipes"]["mae"], {"heads": {"pixel": {"embed_dim": 16, "depth": 1}}})
+        },
+    }
+    (local / "parameters_pretrain.yml").write_text(yaml.safe_dump(pretrain))
+
+    out = _driver(prefect_env, kedro_project, "resume")["results"][0]
+    saved, report = out["saved"], out["report"]
+    assert [(s["attempt"], s["step"]) for s in saved] == [(1, 2), (2, 4)], saved  # not (2, 2): no restart
+    assert report["steps"] == 4, report
+    assert saved[0]["run_id"] and saved[0]["run_id"] == saved[1]["run_id"] == report["mlflow_run_id"]
+
+
+def test_retrain_precompute_runs_as_the_cpu_deployment(kedro_project, prefect_env):
+    out = _driver(prefect_env, kedro_project, "precompute")["results"][0]
+    params = {"env": "coco", "params": {"a": 1}, "ingest": True, "project": None}
+    assert out["calls"] == [{"name": "regions-precompute/regions-precompute", "parameters": params}] * 2
+    assert out["first"] == "deployment regions-precompute/regions-precompute (flow run run-1)"
+    assert "ended Failed" in out["second"]  # a failed CPU run fails the retrain flow
+    assert out["third"] == "in-process" and out["ran"] == ["ingest", "regions"]  # no deployment: here
+
+
+def test_failed_task_and_flow_leave_failure_artifacts(kedro_project, prefect_env):
+    out = _driver(prefect_env, kedro_project, "fail")
+    assert out["results"] == [{"raised": "KeyError"}]
+    failures = {a["key"]: a["data"] for a in out["artifacts"] if (a["key"] or "").startswith("failure-")}
+    assert set(failures) == {"failure-task", "failure-flow"}, failures
+    assert "no Kedro pipeline 'no_such_pipeline'" in failures["failure-task"]
+    assert "Failed" in failures["failure-flow"]
 
 
 def _free_port() -> int:
@@ -155,8 +216,19 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server, tmp_path):
     for name in ("flows.py", "prefect.yaml"):
         shutil.copy(REPO / "pipelines" / name, flows_dir / name)
     env = prefect_server
-    for pool in ("cpu", "gpu"):
-        _prefect(env, "work-pool", "create", pool, "--type", "process", cwd=tmp_path)
+    _prefect(env, "work-pool", "create", "cpu", "--type", "process", cwd=tmp_path)
+    template = str(REPO / "pipelines" / "gpu-pool.json")  # the Kubernetes GPU job: image, GPUs, deadline
+    _prefect(
+        env,
+        "work-pool",
+        "create",
+        "gpu",
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        template,
+        cwd=tmp_path,
+    )
     _prefect(env, "--no-prompt", "deploy", "--all", cwd=flows_dir)
 
     listing = _prefect(env, "deployment", "ls", cwd=tmp_path)
@@ -169,6 +241,8 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server, tmp_path):
         assert name in listing, listing
     inspect = _prefect(env, "deployment", "inspect", "rmae-retrain/rmae-retrain", cwd=tmp_path)
     assert "0 2 * * 6" in inspect and "'gpu'" in inspect and "'recipe': 'rmae'" in inspect, inspect
+    assert "'image': 'maelab:gpu'" in inspect and "'gpus': 8" in inspect, inspect  # job variables
+    assert "'precompute_deployment': 'regions-precompute/regions-precompute'" in inspect, inspect
     inspect = _prefect(env, "deployment", "inspect", "maelab-kedro/compare", cwd=tmp_path)
     assert "0 3 * * 0" in inspect and "'pipelines': ['compare']" in inspect, inspect
 

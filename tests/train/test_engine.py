@@ -86,3 +86,25 @@ def test_the_models_masker_gets_the_step_epoch_and_length(manifest, tmp_path):
     run(recipe, manifest, tmp_path / "out", build_model=lambda r: model)
     # 4 steps x 2 micro-batches x 2 samples; step = micro-batch // accum; epoch changes after 6 micro-batches
     assert seen == [(m // 2, m // 6, 4) for m in range(8) for _ in range(2)]
+
+
+def test_a_fresh_run_sets_an_earlier_checkpoint_aside(manifest, tmp_path):
+    """Run A finishes; fresh run B dies before its first checkpoint; a resume then starts from step 0
+    (B's own progress: none), not from A's last step."""
+    out = tmp_path / "same"
+    run(tiny_recipe(steps=4, ckpt_every=2), manifest, out)
+    assert load_checkpoint(out / CHECKPOINT)["step"] == 4
+    dying = tiny_recipe(steps=4, ckpt_every=2)
+    dying["fake_nan_at"] = 2  # the 2nd forward: before B's first checkpoint
+    with pytest.raises(NonFiniteLossError):
+        run(dying, manifest, out)
+    assert not (out / CHECKPOINT).exists() and load_checkpoint(out / "checkpoint.previous.pt")["step"] == 4
+    resumed = train(
+        tiny_recipe(steps=4, ckpt_every=2),
+        manifest,
+        out_dir=out,
+        resume=True,
+        build_model=build_pretrainer,
+        progress=False,
+    )
+    assert resumed.start_step == 0 and resumed.steps == 4

@@ -75,9 +75,9 @@ def test_rates_phase_and_switch_step_reach_mlflow_with_pictures(manifest, tmp_pa
     assert client.get_run(r.mlflow_run_id).data.metrics["sgmae/switch_step"] == 2
     curve = client.get_metric_history(r.mlflow_run_id, "sgmae/R_M_O/dec1")
     assert len(curve) == 4 and all(0 < m.value < 1 for m in curve)
-    pngs = [a.path for a in client.list_artifacts(r.mlflow_run_id, "reconstructions")]
-    assert "reconstructions/reconstruction_step_0000003.png" in pngs  # informed masks next to their images
-    assert "reconstructions/informed_mask_step_0000003.png" in pngs  # and the relevance they came from
+    pngs = [a.path for a in client.list_artifacts(r.mlflow_run_id, "images") if a.path.endswith(".png")]
+    assert any(p.startswith("images/reconstruction+step+3+") for p in pngs), pngs  # log_image, by step
+    assert any(p.startswith("images/informed_mask+step+3+") for p in pngs), pngs  # informed masks by images
 
 
 def test_the_informed_mask_picture_puts_each_mask_under_its_image():

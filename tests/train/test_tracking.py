@@ -1,3 +1,4 @@
+import time
 import warnings
 
 import pytest
@@ -38,12 +39,11 @@ def test_run_has_params_metrics_and_artifacts(manifest, tmp_path):
     assert {"loss", "loss/pixel", "lr", "images_per_s", "peak_mem_mb"} <= set(got.data.metrics)
     assert [m.step for m in client.get_metric_history(r.mlflow_run_id, "loss")] == [2, 4]
     arts = {a.path for a in client.list_artifacts(r.mlflow_run_id)}
-    assert {"encoder", "reconstructions"} <= arts
-    pngs = [a.path for a in client.list_artifacts(r.mlflow_run_id, "reconstructions")]
-    assert pngs == [
-        "reconstructions/reconstruction_step_0000002.png",
-        "reconstructions/reconstruction_step_0000004.png",
-    ]
+    assert {"encoder", "images"} <= arts
+    # log_image(key=..., step=...): the UI's image slider; files images/<key>+step+<N>+timestamp+...png
+    pngs = [a.path for a in client.list_artifacts(r.mlflow_run_id, "images") if a.path.endswith(".png")]
+    steps = sorted((p.split("/")[1].split("+")[0], int(p.split("+")[2])) for p in pngs)
+    assert steps == [("reconstruction", 2), ("reconstruction", 4)]
     assert (tmp_path / "mlruns" / "artifacts").is_dir()
 
 
@@ -84,3 +84,28 @@ def test_reconstruction_grid_shape(n):
     # visible patches of row 2 equal the original row 3; masked ones are the reconstruction
     assert (grid[32:64, :, :][-8:] == grid[64:96][-8:]).all()
     assert png_bytes(grid)[:4] == b"\x89PNG"
+
+
+def test_fluent_run_has_git_tags_unique_names_and_system_metrics(tmp_path, monkeypatch):
+    import mlflow
+
+    from maelab.train.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    settings = {"tracking_uri": f"sqlite:///{tmp_path}/m.db", "experiment": "x", "tags": {"maelab.env": "e"}}
+    names = []
+    for _ in range(2):
+        t = Tracker(settings)
+        run_id = t.start("tiny", {"a": 1}, tags={"maelab.pipeline": "pretrain_tiny"})
+        assert mlflow.active_run().info.run_id == run_id  # a fluent run
+        time.sleep(1.5)
+        t.end()
+        assert mlflow.active_run() is None
+        run = t.client.get_run(run_id)
+        names.append(run.info.run_name)
+        tags = run.data.tags
+        assert tags["maelab.env"] == "e" and tags["maelab.pipeline"] == "pretrain_tiny"
+        assert len(tags["mlflow.source.git.commit"]) == 40 and "mlflow.user" in tags
+        assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
+    assert len(set(names)) == 2 and all(n.startswith("tiny-") for n in names)

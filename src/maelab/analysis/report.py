@@ -127,12 +127,13 @@ def plot_vs_gmacs(rows: list[dict[str, Any]], columns: list[str]):
 def log_to_mlflow(
     report: dict[str, Any], table_md: str, fig, results: dict[str, dict[str, Any]]
 ) -> str | None:
-    """Log every number and the artifacts to one MLflow run (``report``); returns its run id."""
+    """Log every number and the artifacts to one MLflow run (``report-<date>-<hex>``), and each encoder's
+    numbers to a child run of it named after the encoder; returns the report run's id."""
     import mlflow
 
     from maelab.mlflow_http import bounded_http
     from maelab.orchestration.registry import tracking_uri
-    from maelab.train.tracking import flatten
+    from maelab.train.tracking import flatten, unique_run_name
 
     bounded_http()
     mlflow.set_tracking_uri(tracking_uri())
@@ -143,7 +144,9 @@ def log_to_mlflow(
     except Exception:
         experiment = "maelab"
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="report") as run:
+    with mlflow.start_run(run_name=unique_run_name("report"), tags={"maelab.kind": "report"}) as run:
+        for row in report["rows"]:
+            log_encoder_run(row, results.get(row["recipe"], {}), flatten)
         for row in report["rows"]:
             mlflow.log_metrics(
                 {f"{row['recipe']}.{k}": float(v) for k, v in row.items() if k != "recipe" and v is not None}
@@ -160,6 +163,24 @@ def log_to_mlflow(
             }
             mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in flat.items() if math.isfinite(float(v))})
         return run.info.run_id
+
+
+def log_encoder_run(row: dict[str, Any], result: dict[str, Any], flatten) -> str:
+    """A child run of the active run for one encoder: the report's columns under one name each
+    (``linear_top1``, ``box_ap``, ...) and every task number as ``<task>.<metric>``, so MLflow's run
+    comparison lines the encoders up metric by metric. Returns the child run's id."""
+    import mlflow
+
+    tags = {"maelab.kind": "transfer", "maelab.encoder": str(row["recipe"])}
+    with mlflow.start_run(run_name=str(row["recipe"]), nested=True, tags=tags) as child:
+        columns = {k: v for k, v in row.items() if k != "recipe" and isinstance(v, int | float)}
+        tasks = flatten(result.get("tasks", {}))
+        numbers = {
+            **{k: v for k, v in tasks.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+            **columns,
+        }
+        mlflow.log_metrics({k: float(v) for k, v in numbers.items() if math.isfinite(float(v))})
+        return child.info.run_id
 
 
 def make_report(

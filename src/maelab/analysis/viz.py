@@ -1,6 +1,7 @@
 """Pictures: the MAE-style reconstruction grid (He et al. 2022, Fig. 2): masked / reconstruction / input,
 R-MAE's region grid, self-guided MAE's informed masks (Shi et al. 2024, Fig. 5: image / relevance / mask),
-and ``training_pictures``: what the engine logs to the tracker for a training step."""
+and ``training_pictures``: what the engine logs to the tracker for a training step, with its rows and
+columns labelled."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD
@@ -54,6 +55,28 @@ def reconstruction_grid(
     if scale > 1:
         grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+RECONSTRUCTION_ROWS = ("masked", "reconstruction", "original")
+REGION_ROWS = ("masked image", "masked region", "predicted", "target")
+INFORMED_MASK_ROWS = ("image", "relevance S", "informed mask")
+
+
+def label_grid(
+    array: np.ndarray, rows: Sequence[str], cols: Sequence[str], margin: int = 104, header: int = 16
+) -> np.ndarray:
+    """``array`` (a grid of ``len(rows)`` x ``len(cols)`` equal cells, ``[H, W, 3]`` uint8) with the row
+    names in a white left margin and the column names in a white top strip."""
+    h, w = array.shape[:2]
+    cell_h, cell_w = h / len(rows), w / len(cols)
+    canvas = Image.new("RGB", (w + margin, h + header), "white")
+    canvas.paste(Image.fromarray(array), (margin, header))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, name in enumerate(rows):
+        draw.text((4, header + int((i + 0.5) * cell_h) - 6), name, fill="black", font=font)
+    for j, name in enumerate(cols):
+        draw.text((margin + int(j * cell_w) + 2, 2), name, fill="black", font=font)
+    return np.asarray(canvas)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -136,27 +159,30 @@ def training_pictures(model: nn.Module, batch: dict[str, Any], outputs: Any) -> 
     plan = getattr(outputs, "plan", None) or batch["plan"]
     heads = dict(getattr(model, "heads", {}))
     pics: dict[str, np.ndarray] = {}
+    columns = [f"image {i}" for i in range(min(8, batch["image"].shape[0]))]  # the grids' max_images
     if hasattr(model, "reconstruct") and (
         not heads or any(isinstance(h, PixelDecoderHead) for h in heads.values())
     ):
-        pics["reconstruction"] = reconstruction_grid(
-            batch["image"], model.reconstruct(batch, outputs).float(), plan.mask
-        )
+        grid = reconstruction_grid(batch["image"], model.reconstruct(batch, outputs).float(), plan.mask)
+        pics["reconstruction"] = label_grid(grid, RECONSTRUCTION_ROWS, columns)
     for name, head in heads.items():
         if isinstance(head, LomarHead) and name in outputs.outputs:  # LoMaR Fig. 6: one column per window
-            pics["reconstruction"] = reconstruction_grid(
-                *head.window_pictures(batch["image"], outputs.outputs[name], plan)
-            )
+            windows = head.window_pictures(batch["image"], outputs.outputs[name], plan)
+            n = min(8, windows[0].shape[0])
+            grid = reconstruction_grid(*windows)
+            pics["reconstruction"] = label_grid(grid, RECONSTRUCTION_ROWS, [f"window {i}" for i in range(n)])
         if isinstance(head, RegionHead) and name in outputs.outputs:
             rmask = region_plan(plan, head.mask_ratio).mask
-            pics[name] = region_grid(
+            grid = region_grid(
                 batch["image"], batch[head.key], outputs.outputs[name], rmask, head.spec.patch_size
             )
+            pics[name] = label_grid(grid, REGION_ROWS, columns)
     masker = getattr(model, "masker", None)
     context = batch.get("context")
     step, epoch = (context.step, context.epoch) if context is not None else (0, 0)
     if isinstance(masker, SelfGuidedMasker) and masker.phase == INFORMED and step % masker.refresh_every == 0:
         images = batch["image"][:8]
         scores = masker.scores(model, images, epoch)
-        pics["informed_mask"] = informed_mask_grid(images, scores, plan.mask[:8])
+        grid = informed_mask_grid(images, scores, plan.mask[:8])
+        pics["informed_mask"] = label_grid(grid, INFORMED_MASK_ROWS, columns[: images.shape[0]])
     return {name: png_bytes(array) for name, array in pics.items()}

@@ -1,7 +1,10 @@
 """MLflow model registry for encoders: ``maelab-<recipe>-<arch>`` with aliases ``candidate`` and ``champion``.
 
-A model version points at the run's logged ``encoder/`` artifact directory (a safetensors file, no pickled
-code, no MLmodel), so it works against the local sqlite store with no server. ``resolve_encoder`` turns
+A model version points at the run's MLflow pytorch model (the LoggedModel ``encoder`` that pre-training
+logs: ``mlflow.pytorch.load_model("models:/NAME@champion")`` gives an images -> embeddings module); the
+version's ``encoder_artifact`` tag names the safetensors the run logged beside it. A run with no logged
+model (older runs, an encoder torch.export cannot trace) is registered from its ``encoder/`` artifact
+directory as before. Both work against the local sqlite store with no server. ``resolve_encoder`` turns
 ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN/PATH`` or a plain path into a local
 safetensors file that any stage can load as its backbone.
 """
@@ -21,6 +24,7 @@ from maelab.paths import project_root
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 ENCODER_ARTIFACT_DIR = "encoder"
+MODEL_ID_TAG = "maelab.encoder_model_id"  # run tag set by the engine's tracker (maelab.train.tracking)
 # ViT sizes by width and their standard depth (Dosovitskiy et al. Table 1; DeiT for T/S)
 _SIZES = {192: ("t", 12), 384: ("s", 12), 768: ("b", 12), 1024: ("l", 24), 1280: ("h", 32)}
 
@@ -131,15 +135,14 @@ def register_encoder(
             raise FileNotFoundError(f"encoder file not found: {encoder_path} (run {run_id} has no copy)")
         c.log_artifact(run_id, str(encoder_path), ENCODER_ARTIFACT_DIR)
         artifact = f"{ENCODER_ARTIFACT_DIR}/{encoder_path.name}"
-    parent = Path(artifact).parent.as_posix()
-    source = c.get_run(run_id).info.artifact_uri.rstrip("/") + ("" if parent == "." else f"/{parent}")
+    source, model_id = _version_source(c, run_id, artifact)
 
     if not c.search_registered_models(f"name = '{name}'"):
         c.create_registered_model(
             name, tags={"recipe": recipe, "arch": arch}, description=f"maelab {recipe} encoder, {arch}"
         )
-    tags = {"recipe": recipe, "arch": arch, "encoder_file": Path(artifact).name}
-    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags).version
+    tags = {"recipe": recipe, "arch": arch, "encoder_file": Path(artifact).name, "encoder_artifact": artifact}
+    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id).version
     c.set_registered_model_alias(name, CANDIDATE, version)
 
     if _alias_version(c, name, CHAMPION) is None:
@@ -148,6 +151,34 @@ def register_encoder(
         record = DecisionRecord.of(decision, name, int(version), None, source="register")
         record_decision(record, env=env, decisions_path=decisions_path)
     return int(version)
+
+
+def _version_source(c, run_id: str, artifact: str) -> tuple[str, str | None]:
+    """(source, model id) of a new version: the run's LoggedModel ``models:/<model_id>`` if the run logged
+    one, else the run's artifact directory holding the safetensors ``artifact``."""
+    run = c.get_run(run_id)
+    model_id = (run.data.tags or {}).get(MODEL_ID_TAG)
+    if model_id:
+        return f"models:/{model_id}", model_id
+    parent = Path(artifact).parent.as_posix()
+    return run.info.artifact_uri.rstrip("/") + ("" if parent == "." else f"/{parent}"), None
+
+
+def _encoder_of_logged_model(mv, cache: Path, uri: str) -> Path:
+    """The safetensors beside a LoggedModel version: the run's ``encoder_artifact`` (local, or downloaded)."""
+    import mlflow
+
+    artifact = (mv.tags or {}).get("encoder_artifact")
+    if not (artifact and mv.run_id):
+        raise FileNotFoundError(f"{uri}: version {mv.version} has no encoder_artifact tag or run")
+    run_root = client().get_run(mv.run_id).info.artifact_uri.rstrip("/")
+    local = _local_dir(f"{run_root}/{artifact}")
+    if local is not None and local.is_file():
+        return local
+    dst = cache / mv.name / str(mv.version)
+    dst.mkdir(parents=True, exist_ok=True)
+    got = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{mv.run_id}/{artifact}", dst_path=str(dst))
+    return _pick_safetensors(Path(got), Path(artifact).name, uri)
 
 
 def record_decision(
@@ -243,6 +274,8 @@ def resolve_encoder(uri: str | Path, *, env: str | None = None, cache_dir: str |
     if uri.startswith("models:/"):
         mv = get_version(uri, env)
         want = (mv.tags or {}).get("encoder_file")
+        if str(mv.source).startswith("models:/"):  # a LoggedModel: the safetensors is the run's artifact
+            return _encoder_of_logged_model(mv, cache, uri)
         local = _local_dir(mv.source)
         if local is not None and local.exists():
             return _pick_safetensors(local, want, uri)

@@ -109,3 +109,64 @@ def compare_and_promote(
     record = DecisionRecord.of(decision, name, version, champ_version, source="retrain", extra=extra or {})
     registry.record_decision(record, env=env, decisions_path=decisions_path)
     return record
+
+
+# ----------------------------------------------------------------------------------- retries, links
+def retry_params(name: str, params: dict[str, Any] | None, attempt: int) -> dict[str, Any]:
+    """Kedro runtime params for ``attempt`` (1 = first) of pipeline ``name``: a retried ``pretrain_<recipe>``
+    resumes from its last checkpoint (``recipes.<recipe>.train.resume``), where the first attempt starts
+    afresh (a checkpoint left by an earlier retrain is not this run's)."""
+    params = dict(params or {})
+    if attempt > 1 and name.startswith("pretrain_"):
+        params[f"recipes.{name.removeprefix('pretrain_')}.train.resume"] = True
+    return params
+
+
+def mlflow_ui_base(tracking_uri: str) -> str:
+    """The MLflow UI to link to: the tracking server itself, else ``$MAELAB_MLFLOW_UI`` (default
+    ``http://127.0.0.1:5000``, where ``mlflow ui --backend-store-uri <sqlite>`` serves)."""
+    import os
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return os.environ.get("MAELAB_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+
+
+def mlflow_links(run_id: str | None, model: str | None, version: int | None, env: str | None = None) -> dict:
+    """UI links ``{"mlflow_run": url, "model_version": url}`` of a pre-training run and its registered
+    version (whichever is known; an unreachable tracking backend gives none)."""
+    links: dict[str, str] = {}
+    try:
+        c = registry.client(env)
+        base = mlflow_ui_base(registry.tracking_uri(env))
+        if run_id:
+            exp = c.get_run(run_id).info.experiment_id
+            links["mlflow_run"] = f"{base}/#/experiments/{exp}/runs/{run_id}"
+        if model and version is not None:
+            links["model_version"] = f"{base}/#/models/{model}/versions/{version}"
+    except Exception:  # noqa: BLE001 - links are a convenience; the report stands without them
+        return links
+    return links
+
+
+def report_table(
+    report: dict[str, Any], links: dict[str, dict[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """``report.json`` rows for a Prefect table artifact: floats rounded, and per recipe its MLflow run
+    and model version links (``links[recipe]``) as extra columns."""
+    links = links or {}
+    cols = ["mlflow_run", "model_version"] if links else []
+    rows = []
+    for row in report.get("rows", []):
+        out = {k: _cell(v) for k, v in row.items()}
+        for col in cols:
+            out[col] = links.get(str(row.get("recipe")), {}).get(col, "")
+        rows.append(out)
+    return rows
+
+
+def _cell(value: Any) -> Any:
+    """A JSON-safe table cell: floats to 4 decimals, NaN as empty."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    return value

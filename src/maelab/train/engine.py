@@ -29,6 +29,8 @@ from torch import nn
 from maelab.files import atomic_write_text, save_safetensors
 from maelab.masking import MaskContext
 from maelab.models import build_pretrainer
+from maelab.models.embedder import image_embedder
+from maelab.paths import project_root
 from maelab.schema import check_recipe
 from maelab.train import distributed as D
 from maelab.train.checkpoint import TrainingState, save_training_state
@@ -114,6 +116,8 @@ def _train(
     run = setup_run(recipe, manifest, out_dir, build_model, extras)
     resume = bool(tcfg.get("resume", False)) if resume is None else resume
     state = resume_state(run, resume)
+    if not resume and run.dist.is_main:
+        set_aside_checkpoint(run.checkpoint)
     bpe = run.batches_per_epoch
     loader, _ = build_loader(
         run.dataset,
@@ -128,7 +132,10 @@ def _train(
     batches = iter(loader)
     state.restore_rng(run.dist.rank)  # after building everything that might draw random numbers
     tracker = Tracker(mlflow if run.dist.is_main else None, enabled=run.dist.is_main and mlflow is not None)
-    state.run_id = tracker.start(run.name, recipe, run_id=state.run_id)
+    new_run = state.run_id is None
+    state.run_id = tracker.start(run.name, recipe, run_id=state.run_id, tags=run_tags(run))
+    if new_run:
+        tracker.log_dataset(manifest, manifest_source(recipe))
     log_every, ckpt_every = int(tcfg.get("log_every", 10)), int(tcfg.get("ckpt_every") or 0)
     image_every, total = int(tcfg.get("image_every") or 0), run.schedule.total_steps
     end = total if stop_after is None else min(total, int(stop_after))
@@ -171,6 +178,7 @@ def _train(
         tracker.log_artifact(encoder_path, "encoder")
         if batch is not None:
             log_pictures(run, tracker, pictures, batch, outputs, end)
+            log_encoder_model(run, tracker, batch, end)
     timed = step_times[2:] if len(step_times) > 4 else step_times
     result = TrainResult(
         recipe=run.name,
@@ -271,7 +279,45 @@ def log_pictures(
     with torch.no_grad(), autocast(run.precision, run.device):
         pngs = pictures(run.raw, batch, outputs)
     for name, png in pngs.items():
-        tracker.log_png(png, f"{name}_step_{step_done:07d}.png")
+        tracker.log_image(png, name, step_done)
+
+
+def set_aside_checkpoint(checkpoint: Path) -> None:
+    """A fresh run moves an earlier run's checkpoint to ``checkpoint.previous.pt``: if this run dies before
+    its first save, a resume (a Prefect retry) must start over, not continue the earlier run."""
+    if checkpoint.is_file():
+        previous = checkpoint.with_name(f"{checkpoint.stem}.previous{checkpoint.suffix}")
+        checkpoint.replace(previous)
+        log.info("fresh run: the earlier checkpoint is now %s", previous)
+
+
+def run_tags(run: Run) -> dict[str, str]:
+    """What identifies a run beyond its params: recipe, world size, precision and device type."""
+    return {
+        "maelab.recipe": run.name,
+        "maelab.world_size": str(run.dist.world_size),
+        "maelab.precision": str(run.precision),
+        "maelab.device": run.device.type,
+    }
+
+
+def manifest_source(recipe: dict[str, Any]) -> Path:
+    """Where the run's manifest comes from (``data.manifest``, relative to the project root)."""
+    path = Path(recipe.get("data", {}).get("manifest", "data/02_intermediate/manifest.parquet"))
+    return path if path.is_absolute() else project_root() / path
+
+
+def log_encoder_model(run: Run, tracker: Tracker, batch: dict[str, Any], step: int) -> None:
+    """The encoder as an MLflow pytorch model (``ImageEmbedder``: images -> CLS embeddings) with the first
+    two images of the last batch as its input example."""
+    encoder = getattr(run.raw, "encoder", run.raw)
+    if not (tracker.active and hasattr(encoder, "forward_features")):
+        return
+    example = batch["image"][:2].detach().float().cpu()
+    if example.shape[0] < 2:  # a batch of 2 lets torch.export keep the batch dimension dynamic
+        example = example.repeat(2, 1, 1, 1)
+    embedder = image_embedder(encoder)
+    tracker.log_model(embedder, example, step, tags={"recipe": run.name})
 
 
 def export_encoder(run: Run, steps: int) -> str:

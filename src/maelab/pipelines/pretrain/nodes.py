@@ -69,12 +69,26 @@ def launch_torchrun(
     if env:
         cmd += ["--env", env]
     log.info("launching %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+    tags = json.dumps(run_tags(recipe, env))  # rank 0's tracker reads them (maelab.train.tracking.TAGS_ENV)
+    proc = subprocess.run(
+        cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "MAELAB_MLFLOW_TAGS": tags}, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(
             f"torchrun for recipe {recipe.get('name')!r} failed with exit code {proc.returncode}"
         )
     return json.loads((out / RESULT).read_text())
+
+
+def resolve_devices(devices: int | str | None) -> int:
+    """``train.devices``: a count, or ``auto`` = every GPU this machine shows (1 without one)."""
+    if devices in (None, ""):
+        return 1
+    if str(devices).lower() == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return int(devices)
 
 
 def with_region_store(recipe: dict[str, Any], region_store: RegionStore | None) -> dict[str, Any]:
@@ -145,14 +159,15 @@ def pretrain(
 
     recipe = resolve_teacher_weights(with_region_store(recipe, region_store), run_env)
     recipe = resolve_init_from(recipe, run_env)
-    devices = int(recipe["train"].get("devices") or 1)
+    devices = resolve_devices(recipe["train"].get("devices"))
     if devices > 1:
         report = launch_torchrun(recipe, manifest, devices, run_env)
     else:
         from maelab.analysis.viz import training_pictures
         from maelab.config import mlflow_settings
 
-        report = train(recipe, manifest, mlflow=mlflow_settings(run_env), pictures=training_pictures).report()
+        tracking = {**mlflow_settings(run_env), "tags": run_tags(recipe, run_env)}
+        report = train(recipe, manifest, mlflow=tracking, pictures=training_pictures).report()
     log.info(
         "pretrain %s: %d steps, loss %.4f -> %.4f, %.1f img/s, %.0f s",
         recipe["name"],
@@ -166,6 +181,11 @@ def pretrain(
         register(report, recipe, run_env)
     model_path, history = export_model(report["checkpoint_path"])
     return report, project_relative(report["encoder_path"]), project_relative(model_path), loss_table(history)
+
+
+def run_tags(recipe: dict[str, Any], env: str | None) -> dict[str, str]:
+    """The MLflow tags of a pre-training run made by this node: Kedro env and pipeline."""
+    return {"maelab.env": env or "local", "maelab.pipeline": f"pretrain_{recipe['name']}"}
 
 
 def register(report: dict[str, Any], recipe: dict[str, Any], env: str | None) -> None:
