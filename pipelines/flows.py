@@ -117,9 +117,9 @@ def publish_report(
     table: str = "report.json",
     links: dict[str, dict[str, str]] | None = None,
 ) -> str | None:
-    """``data/08_reporting/<table>`` (``report.json`` or ``compare.json``) as a markdown artifact ``key`` and a
-    table artifact ``<key>-table`` whose rows carry links to each retrained recipe's MLflow run and model
-    version (``links[recipe]``)."""
+    """``data/08_reporting/<table>`` (``report.json`` or ``compare.json``) as a markdown artifact ``key``
+    and a table artifact ``<key>-table`` whose rows carry links to each retrained recipe's MLflow run and
+    model version (``links[recipe]``)."""
     path = Path(project) / "data" / "08_reporting" / table
     if not path.is_file():
         get_run_logger().warning("no report at %s; nothing published", path)
