@@ -57,6 +57,9 @@ class TrainConfig(_Strict):
     clip_grad: float | None = Field(None, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    checkpoint_format: Literal["file", "dcp"] | None = None  # None: dcp under fsdp, file under ddp
     device: str | None = "auto"
     devices: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)

@@ -33,6 +33,7 @@ from maelab.schema import check_recipe
 from maelab.train import distributed as D
 from maelab.train.checkpoint import TrainingState, save_training_state
 from maelab.train.data import SampleExtra, build_loader
+from maelab.train.metrics import StepMeter, forward_flops_per_image
 from maelab.train.optim import optimizer_step
 from maelab.train.precision import autocast
 from maelab.train.result import TrainResult, peak_memory_mb
@@ -125,16 +126,17 @@ def _train(
         num_workers=int(recipe.get("data", {}).get("num_workers", 0)),
         pin_memory=run.device.type == "cuda",
     )
-    batches = iter(loader)
+    images_per_step = run.batch_size * run.accum * run.dist.world_size
+    meter = StepMeter(images_per_step, run.device, run.dist.world_size)
+    batches = meter.timed(iter(loader))  # data-loader wait per step
     state.restore_rng(run.dist.rank)  # after building everything that might draw random numbers
     tracker = Tracker(mlflow if run.dist.is_main else None, enabled=run.dist.is_main and mlflow is not None)
     state.run_id = tracker.start(run.name, recipe, run_id=state.run_id)
     log_every, ckpt_every = int(tcfg.get("log_every", 10)), int(tcfg.get("ckpt_every") or 0)
     image_every, total = int(tcfg.get("image_every") or 0), run.schedule.total_steps
     end = total if stop_after is None else min(total, int(stop_after))
-    images_per_step = run.batch_size * run.accum * run.dist.world_size
     bar = progress_bar(run, progress, state.step)
-    start_step, step_times, batch, outputs, status = state.step, [], None, None, "FAILED"
+    start_step, batch, outputs, status = state.step, None, None, "FAILED"
     run.model.train()
     try:
         for step in range(start_step, end):
@@ -148,10 +150,12 @@ def _train(
             state.step = step_done = step + 1
             for key, value in {"loss": stats["loss"], "lr": lr_now, **stats}.items():
                 state.history.setdefault(key, []).append(value)
-            step_times.append(time.perf_counter() - t0)
-            ips = images_per_step / step_times[-1]
+            seconds = time.perf_counter() - t0
+            speed = {"images_per_s": images_per_step / seconds, **meter.step_done(seconds)}
+            if step == start_step and run.dist.is_main:  # once: model FLOPs for MFU (meta device, free)
+                meter.flops_per_image = forward_flops_per_image(build_model, recipe, batch)
             log_now = run.dist.is_main and (step_done % log_every == 0 or step_done == end)
-            report_step(run, tracker, bar, log_now, {"lr": lr_now, "images_per_s": ips, **stats}, step_done)
+            report_step(run, tracker, bar, log_now, {"lr": lr_now, **speed, **stats}, step_done)
             if image_every and step_done % image_every == 0 and step_done != total:
                 log_pictures(run, tracker, pictures, batch, outputs, step_done)
             if (ckpt_every and step_done % ckpt_every == 0) or step_done == end:
@@ -171,12 +175,12 @@ def _train(
         tracker.log_artifact(encoder_path, "encoder")
         if batch is not None:
             log_pictures(run, tracker, pictures, batch, outputs, end)
-    timed = step_times[2:] if len(step_times) > 4 else step_times
+    speed = meter.summary(compiled=bool(run.recipe["train"].get("compile")))
     result = TrainResult(
         recipe=run.name,
         steps=end,
         history=state.history,
-        images_per_s=images_per_step * len(timed) / sum(timed) if timed else 0.0,
+        images_per_s=float(speed.pop("images_per_s") or 0.0),
         wall_s=time.perf_counter() - t_start,
         peak_mem_mb=peak_memory_mb(run.device),
         out_dir=str(run.out),
@@ -186,9 +190,11 @@ def _train(
         start_step=start_step,
         precision=run.precision,
         world_size=run.dist.world_size,
+        speed=speed,
     )
     if run.dist.is_main:
-        tracker.log_metrics({"wall_s": result.wall_s}, end)
+        summary = {f"run/{k}": v for k, v in speed.items() if v is not None}
+        tracker.log_metrics({"wall_s": result.wall_s, "run/peak_mem_mb": result.peak_mem_mb, **summary}, end)
         if end == total:
             write_json(run.out / RESULT, result.report())
         tracker.end("FINISHED" if end == total else "KILLED")
@@ -258,7 +264,7 @@ def check_finite(stats: dict[str, float], step: int, checkpoint: Path) -> None:
     detail = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in stats.items() if k != "loss")
     raise NonFiniteLossError(
         f"loss is {stats['loss']} at step {step} (heads: {detail}); "
-        f"last good checkpoint kept: {checkpoint if checkpoint.is_file() else 'none'}"
+        f"last good checkpoint kept: {checkpoint if checkpoint.exists() else 'none'}"
     )
 
 
