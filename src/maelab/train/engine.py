@@ -47,6 +47,7 @@ from maelab.train.run import (
     setup_run,
     to_device,
 )
+from maelab.train.strategy import full_model_state
 from maelab.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,9 @@ def _train(
         if status != "FINISHED":
             tracker.end(status)
     encoder_path = None
+    weights = encoder_weights(run) if end == total else None  # every rank: a gather under FSDP
     if end == total and run.dist.is_main:
-        encoder_path = export_encoder(run, end)
+        encoder_path = export_encoder(run, end, weights)
         tracker.log_artifact(encoder_path, "encoder")
         if batch is not None:
             log_pictures(run, tracker, pictures, batch, outputs, end)
@@ -280,10 +282,14 @@ def log_pictures(
         tracker.log_png(png, f"{name}_step_{step_done:07d}.png")
 
 
-def export_encoder(run: Run, steps: int) -> str:
-    encoder = getattr(run.raw, "encoder", run.raw)
+def encoder_weights(run: Run) -> dict[str, torch.Tensor]:
+    """The encoder's whole weights (gathered from FSDP shards; every rank calls it, rank 0 gets them)."""
+    return full_model_state(run.raw, "encoder." if hasattr(run.raw, "encoder") else "")
+
+
+def export_encoder(run: Run, steps: int, weights: dict[str, torch.Tensor]) -> str:
     meta = {"recipe": run.name, "steps": str(steps), "encoder_config": json.dumps(run.recipe["encoder"])}
-    return str(save_safetensors(run.out / ENCODER, encoder.state_dict(), meta))
+    return str(save_safetensors(run.out / ENCODER, weights, meta))
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -3,13 +3,14 @@ time, achieved model TFLOP/s and model-FLOPs utilisation (MFU, on CUDA devices w
 
     MFU = 3 x forward FLOPs per image x images/s / device peak (dense bf16)
 
-Forward FLOPs are counted once per run by ``torch.utils.flop_counter.FlopCounterMode`` on a copy of the
-model built on the meta device (no memory, no compute) fed the first batch's shapes; 3x covers forward
-and backward (the usual convention: activation-checkpointing recomputation is not model FLOPs).
+Forward FLOPs are counted once per run by ``torch.utils.flop_counter.FlopCounterMode`` on a fresh CPU
+copy of the model fed one sample of the first batch; 3x covers forward and backward (the usual
+convention: activation-checkpointing recomputation is not model FLOPs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from maelab.masking.plan import MaskPlan
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +48,37 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def first_sample(value: Any, batch_size: int) -> Any:
+    """The first sample of a batch field: tensors (and the tensor fields of a plan) with a leading batch
+    dimension are cut to ``[:1]`` and moved to the CPU; anything else is kept."""
+    if isinstance(value, torch.Tensor):
+        return value[:1].cpu() if value.dim() and value.shape[0] == batch_size else value.cpu()
+    if dataclasses.is_dataclass(value) and isinstance(value, MaskPlan):
+        cut = {f.name: first_sample(getattr(value, f.name), batch_size) for f in dataclasses.fields(value)}
+        return type(value)(**cut)
+    return value
+
+
 def forward_flops_per_image(
     build_model: Callable[[dict], nn.Module], recipe: dict, batch: dict
 ) -> float | None:
-    """FLOPs of one training forward per image, counted on a meta-device copy of the model fed ``batch``'s
-    shapes; None when the model cannot run on the meta device (e.g. an in-step masker that reads values)."""
+    """FLOPs of one training forward of one image: a fresh CPU copy of the model (explicit attention, so
+    the counter sees the attention matmuls) runs the batch's first sample under ``FlopCounterMode``; the
+    global RNG is left as it was. None when the model cannot be counted this way."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def to_meta(v: Any) -> Any:
-        return v.to("meta") if hasattr(v, "to") and not isinstance(v, nn.Module) else v
-
+    size = int(batch["image"].shape[0])
     try:
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             model = build_model(recipe).train()
-        meta_batch = {k: to_meta(v) for k, v in batch.items()}
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(meta_batch)
-        return counter.get_total_flops() / int(batch["image"].shape[0])
+            for module in model.modules():
+                if hasattr(module, "fused_attn"):
+                    module.fused_attn = False
+            one = {k: first_sample(v, size) for k, v in batch.items()}
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(one)
+        return float(counter.get_total_flops())
     except Exception as err:  # counting is a report, never a reason to stop training
         log.info("model FLOPs not counted (%s: %s); no MFU for this run", type(err).__name__, err)
         return None

@@ -193,6 +193,16 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
     return {"model": msd, "optimizer": osd}
 
 
+def full_model_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU (gathered from the shards under FSDP: every rank must call it;
+    rank 0 gets the values), the keys under ``prefix`` only, with the prefix removed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=opts)
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any], full: bool
 ) -> None:
