@@ -47,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--env", default=None)
     train.add_argument("--steps", type=int, default=20)
     train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--precision", default=None, help="auto | bf16 | fp16 | fp32; several: bf16,fp32")
+    train.add_argument(
+        "--precision",
+        default=None,
+        help="auto | bf16 | fp16 | fp32, each optionally +compile, +ac=full|selective, +fsdp; several: "
+        "fp32,bf16,bf16+compile",
+    )
+    train.add_argument(
+        "--isolate", action="store_true", help="each variant in its own process (fair CPU peak memory)"
+    )
     train.add_argument("--device", default=None)
     train.add_argument(
         "--against", default=None, help="a second recipe run side by side at the same image size (e.g. mae)"

@@ -72,3 +72,21 @@ def test_lomar_against_mae_side_by_side(capsys, monkeypatch):
     assert [r["recipe"] for r in got["runs"]] == ["lomar", "mae"] and got["img_size"] == 64  # MAE at 64 too
     ips = [r["results"][0]["images_per_s"] for r in got["runs"]]
     assert got["speedup"]["fp32"] == ips[0] / ips[1]
+
+
+def test_variants_checkpointing_and_fsdp_side_by_side():
+    from maelab.analysis.bench import parse_variant
+    from maelab.train import distributed
+
+    assert parse_variant("bf16+compile+ac=selective+fsdp") == (
+        "bf16",
+        {"compile": True, "activation_checkpointing": "selective", "strategy": "fsdp"},
+    )
+    try:
+        out = bench_train(
+            TINY, ["fp32", "fp32+ac=full", "fp32+fsdp"], batch_size=2, steps=2, device="cpu", warmup=1
+        )
+    finally:
+        distributed.cleanup()  # the one-process FSDP group
+    assert [r["precision"] for r in out["results"]] == ["fp32", "fp32+ac=full", "fp32+fsdp"]
+    assert all(r["images_per_s"] > 0 and r["first_step_s"] > 0 for r in out["results"])
