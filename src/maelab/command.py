@@ -12,6 +12,7 @@ HANDLERS = {
     "flops": "maelab.analysis.flops:cli",
     "bench train": "maelab.analysis.bench:train_cli",
     "bench regions": "maelab.regions.bench:cli",
+    "bench data": "maelab.data.bench:cli",
     "registry": "maelab.orchestration.registry:cli",
     "export": "maelab.transfer.export:cli",
     "segment": "maelab.analysis.interactive:cli",
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--against", default=None, help="a second recipe run side by side at the same image size (e.g. mae)"
     )
     train.add_argument("--json", action="store_true")
+    data = bench_sub.add_parser("data", help="images/s per worker core of each decode path, cores per GPU")
+    data.add_argument("--images", type=int, default=64)
+    data.add_argument("--size", default="640x480", help="WxH of the generated JPEGs")
+    data.add_argument("--crop", type=int, default=224)
+    data.add_argument("--rounds", type=int, default=3)
+    data.add_argument("--jpeg-dir", default=None, help="measure these JPEGs instead of generated ones")
+    data.add_argument("--rate", type=float, action="append", help="training images/s of one GPU (repeatable)")
+    data.add_argument("--json", action="store_true")
     regions = bench_sub.add_parser("regions", help="region store throughput and overhead over felzenszwalb")
     regions.add_argument("--env", default=None)
     regions.add_argument("--images", type=int, default=8)

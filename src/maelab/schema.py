@@ -87,6 +87,8 @@ class DataConfig(_Strict):
     splits: list[str] | None = None
     crop_scale: tuple[float, float] = (0.2, 1.0)
     num_workers: int = Field(0, ge=0)
+    decode: Literal["full", "crop"] = "full"
+    shards: str | None = None
     regions: RegionsData | None = None
 
 
@@ -130,12 +132,18 @@ _SOURCE_KEYS: dict[str, set[str]] = {
 }
 
 
+class ShardsSection(_Strict):
+    dir: str = "data/02_intermediate/shards"
+    images_per_shard: int = Field(1000, ge=1)
+
+
 class IngestSection(_Strict):
     workers: int = Field(2, ge=0)
     min_side: int = Field(16, ge=1)
     cache: str | None = None
     max_file_mb: int | None = Field(None, ge=1)
     max_decode_mb: int | None = Field(None, ge=1)
+    shards: ShardsSection | None = None  # pack the manifest's images into tar shards (data.shards)
     sources: list[dict[str, Any]] = Field(min_length=1)
 
 
