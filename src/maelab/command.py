@@ -20,6 +20,7 @@ HANDLERS = {
     "flops": "maelab.analysis.flops:cli",
     "bench train": "maelab.analysis.bench:train_cli",
     "bench regions": "maelab.regions.bench:cli",
+    "bench data": "maelab.data.bench:cli",
     "registry": "maelab.orchestration.registry:cli",
     "export": "maelab.transfer.export:cli",
     "segment": "maelab.analysis.interactive:cli",
@@ -108,7 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--env", default=None, help=ENV_HELP)
     train.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     train.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
-    train.add_argument("--precision", default=None, help="auto | bf16 | fp16 | fp32; several: bf16,fp32")
+    train.add_argument(
+        "--precision",
+        default=None,
+        help="auto | bf16 | fp16 | fp32, each optionally +compile, +ac=full|selective, +fsdp; several: "
+        "fp32,bf16,bf16+compile",
+    )
+    train.add_argument(
+        "--isolate", action="store_true", help="each variant in its own process (fair CPU peak memory)"
+    )
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the best available)")
     train.add_argument(
         "--against", default=None, help="a second recipe run side by side at the same image size (e.g. mae)"
@@ -117,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="edit the recipe"
     )
+    data = _sub(bench_sub, "data", "images/s per worker core of each decode path, cores per GPU")
+    data.add_argument("--images", type=int, default=64, help="JPEGs to decode per round")
+    data.add_argument("--size", default="640x480", help="WxH of the generated JPEGs")
+    data.add_argument("--crop", type=int, default=224, help="side of the training crop, px")
+    data.add_argument("--rounds", type=int, default=3, help="timed rounds per path (median)")
+    data.add_argument("--jpeg-dir", default=None, help="measure these JPEGs instead of generated ones")
+    data.add_argument("--rate", type=float, action="append", help="training images/s of one GPU (repeatable)")
+    data.add_argument("--json", action="store_true", help=JSON_HELP)
     regions = _sub(bench_sub, "regions", "region store throughput and overhead over felzenszwalb")
     regions.add_argument("--env", default=None, help=ENV_HELP)
     regions.add_argument("--images", type=int, default=8, help="images to time")

@@ -58,6 +58,9 @@ class TrainConfig(_Strict):
     clip_grad: float | None = Field(None, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    checkpoint_format: Literal["file", "dcp"] | None = None  # None: dcp under fsdp, file under ddp
     device: str | None = "auto"
     devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1  # auto: every visible GPU (1 on a CPU)
     seed: int = Field(0, ge=0)
@@ -88,6 +91,8 @@ class DataConfig(_Strict):
     splits: list[str] | None = None
     crop_scale: tuple[float, float] = (0.2, 1.0)
     num_workers: int = Field(0, ge=0)
+    decode: Literal["full", "crop"] = "full"
+    shards: str | None = None
     regions: RegionsData | None = None
 
 
@@ -131,12 +136,18 @@ _SOURCE_KEYS: dict[str, set[str]] = {
 }
 
 
+class ShardsSection(_Strict):
+    dir: str = "data/02_intermediate/shards"
+    images_per_shard: int = Field(1000, ge=1)
+
+
 class IngestSection(_Strict):
     workers: int = Field(2, ge=0)
     min_side: int = Field(16, ge=1)
     cache: str | None = None
     max_file_mb: int | None = Field(None, ge=1)
     max_decode_mb: int | None = Field(None, ge=1)
+    shards: ShardsSection | None = None  # pack the manifest's images into tar shards (data.shards)
     sources: list[dict[str, Any]] = Field(min_length=1)
 
 

@@ -117,3 +117,21 @@ def test_sgmae_after_its_switch_refreshes_on_the_steps_the_recipe_says(capsys, m
     )  # fmt: skip
     with pytest.raises(Exception, match="refresh_evry"):
         train_cli(args)
+
+
+def test_variants_checkpointing_and_fsdp_side_by_side():
+    from maelab.analysis.bench import parse_variant
+    from maelab.train import distributed
+
+    assert parse_variant("bf16+compile+ac=selective+fsdp") == (
+        "bf16",
+        {"compile": True, "activation_checkpointing": "selective", "strategy": "fsdp"},
+    )
+    try:
+        out = bench_train(
+            TINY, ["fp32", "fp32+ac=full", "fp32+fsdp"], batch_size=2, steps=2, device="cpu", warmup=1
+        )
+    finally:
+        distributed.cleanup()  # the one-process FSDP group
+    assert [r["precision"] for r in out["results"]] == ["fp32", "fp32+ac=full", "fp32+fsdp"]
+    assert all(r["images_per_s"] > 0 and r["first_step_s"] > 0 for r in out["results"])

@@ -191,3 +191,43 @@ def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe:
         )
     finally:
         distributed.cleanup()
+
+
+def real_worker(
+    rank: int,
+    world: int,
+    port: int,
+    manifest: pd.DataFrame,
+    recipe: dict,
+    out: str,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> None:
+    """One rank of a gloo run of the real (tiny) ViT pretrainer, any ``train.strategy``."""
+    import os
+
+    from maelab.models import build_pretrainer as build_real
+    from maelab.train import distributed
+    from maelab.train.engine import train
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    try:
+        train(
+            recipe,
+            manifest,
+            out_dir=out,
+            resume=resume,
+            stop_after=stop_after,
+            mlflow={"enabled": False},
+            build_model=build_real,
+            progress=False,
+        )
+    finally:
+        distributed.cleanup()

@@ -31,29 +31,29 @@ import torch
 
 from maelab.masking.context import MaskContext
 from maelab.masking.plan import MaskPlan
+from maelab.train.metrics import PEAK_BF16_TFLOPS, device_peak_tflops
 
-# dense bf16 tensor-core peak, TFLOP/s (vendor data sheets; SXM parts unless named)
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10": 125.0,
-    "RTX 4090": 165.0,
-    "V100": 125.0,  # fp16
-}
+__all__ = ["PEAK_BF16_TFLOPS", "bench_train", "device_peak_tflops", "parse_variant", "train_cli"]
+
+VARIANT_HELP = (
+    "PRECISION[+compile][+ac=full|selective][+fsdp], several comma-separated: fp32,bf16,bf16+compile"
+)
 
 
-def device_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16_TFLOPS.items():  # first match: "H100 PCIe" before "H100"
-        if key in name:
-            return peak
-    return None
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``bf16+compile+ac=selective+fsdp`` -> (``bf16``, the ``train`` keys it sets)."""
+    precision, *flags = [p.strip() for p in spec.split("+")]
+    train: dict[str, Any] = {}
+    for flag in flags:
+        if flag == "compile":
+            train["compile"] = True
+        elif flag in ("fsdp", "ddp"):
+            train["strategy"] = flag
+        elif flag.startswith("ac="):
+            train["activation_checkpointing"] = flag[3:]
+        else:
+            raise ValueError(f"--precision {spec!r}: unknown part {flag!r} ({VARIANT_HELP})")
+    return precision, train
 
 
 class RssPeak:
@@ -107,21 +107,27 @@ def synthetic_batch(
 
 
 def bench_precision(
-    recipe: dict[str, Any], precision: str, batch_size: int, steps: int, device: torch.device, warmup: int = 2
+    recipe: dict[str, Any], variant: str, batch_size: int, steps: int, device: torch.device, warmup: int = 2
 ) -> dict[str, Any]:
+    """One variant (``parse_variant``): a fresh model with the variant's activation checkpointing, compile
+    and strategy (``maelab.train.strategy.wrap_model``, as the engine builds it), ``warmup`` steps (the
+    first one's time, compilation included, is reported as ``first_step_s``), then the median of ``steps``."""
     from maelab.models import build_pretrainer
     from maelab.train.optim import build_optimizer, optimizer_step
     from maelab.train.precision import autocast, grad_scaler, resolve_precision
+    from maelab.train.strategy import wrap_model
 
+    precision, flags = parse_variant(variant)
     precision = resolve_precision(precision, device)
+    tcfg = {**recipe.get("train", {}), "compile": False, **flags}
     torch.manual_seed(0)
     model = build_pretrainer(recipe).to(device).train()
-    opt = build_optimizer(model, 1e-4, recipe.get("train", {}))
-    scaler = grad_scaler(precision, device)
-    step_model = torch.compile(model) if recipe.get("train", {}).get("compile") else model
     batch = synthetic_batch(model, recipe, batch_size, device)
+    step_model, _ = wrap_model(model, tcfg, 1, device, precision)
+    opt = build_optimizer(model, 1e-4, tcfg)
+    scaler = grad_scaler(precision, device)
     in_step = getattr(getattr(model, "masker", None), "in_step", False)
-    counter = iter(range(warmup + steps))
+    counter = iter(range(max(1, warmup) + steps))
 
     def step() -> tuple[float, float]:  # forward, backward and the engine's own optimiser step
         if in_step:  # the step an in-step masker sees advances, as in training
@@ -130,13 +136,12 @@ def bench_precision(
         with autocast(precision, device):
             loss = step_model(batch).loss.float()
         (scaler.scale(loss) if scaler else loss).backward()
-        optimizer_step(opt, model.parameters(), scaler, recipe.get("train", {}).get("clip_grad"))
+        optimizer_step(opt, model.parameters(), scaler, tcfg.get("clip_grad"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    for _ in range(warmup):
-        step()
+    first = [step() for _ in range(max(1, warmup))]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with RssPeak() as rss:
@@ -144,7 +149,7 @@ def bench_precision(
     med, mean = statistics.median(times), statistics.fmean(times)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
     return {
-        "precision": precision,
+        "precision": variant if flags else precision,
         "images_per_s": batch_size / med,
         "images_per_s_mean": batch_size / mean,
         "step_ms": med * 1e3,
@@ -152,6 +157,7 @@ def bench_precision(
         # not grow when other processes take the cores (with 1 thread it equals wall time on an idle machine)
         "cpu_step_ms": statistics.median(cpu_times) * 1e3,
         "cpu_step_ms_mean": statistics.fmean(cpu_times) * 1e3,
+        "first_step_s": first[0][0],
         "peak_mem_mb": peak / 2**20,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
     }
@@ -227,14 +233,41 @@ def bench_against(
 
 def _print_run(out: dict[str, Any]) -> None:
     print(f"{out['recipe']} on {out['device']}, batch {out['batch_size']}, median of {out['steps']} steps")
-    cols = ("images/s", "(mean)", "step ms", "CPU ms", "peak MB")
-    print(f"{'precision':>9} " + " ".join(f"{c:>9}" for c in cols) + f" {'MFU':>6}")
+    cols = ("images/s", "(mean)", "step ms", "CPU ms", "1st step s", "peak MB")
+    print(f"{'variant':>24} " + " ".join(f"{c:>10}" for c in cols) + f" {'MFU':>6}")
     for r in out["results"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         ips, mean, ms, mb = r["images_per_s"], r["images_per_s_mean"], r["step_ms"], r["peak_mem_mb"]
+        cpu, first = r["cpu_step_ms"], r.get("first_step_s", 0.0)
         print(
-            f"{r['precision']:>9} {ips:9.2f} {mean:9.2f} {ms:9.1f} {r['cpu_step_ms']:9.1f} {mb:9.0f} {mfu:>6}"
+            f"{r['precision']:>24} {ips:10.2f} {mean:10.2f} {ms:10.1f} {cpu:10.1f} {first:10.1f} {mb:10.0f} {mfu:>6}"
         )
+
+
+def isolated(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
+    """Each variant in a fresh process (``--isolate``): on CPU a process's peak RSS otherwise carries what
+    the variants before it left; the results are merged as one run's."""
+    import subprocess
+    import sys
+
+    runs = []
+    for variant in variants:
+        cmd = [sys.executable, "-m", "maelab.command", "bench", "train", "--recipe", args.recipe, "--json"]
+        cmd += ["--precision", variant, "--steps", str(args.steps)]
+        for edit in getattr(args, "sets", None) or []:
+            cmd += ["--set", edit]
+        for flag, value in (
+            ("--env", args.env),
+            ("--batch-size", args.batch_size),
+            ("--device", args.device),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"bench train {variant}: exit {done.returncode}\n{done.stderr[-2000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {**runs[0], "results": [r for run in runs for r in run["results"]], "isolated": True}
 
 
 def train_cli(args: argparse.Namespace) -> int:
@@ -268,7 +301,10 @@ def train_cli(args: argparse.Namespace) -> int:
                 f"{out['speedup_cpu_time_mean'][precision]:.2f}x by the mean CPU time)"
             )
         return 0
-    out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
+    if getattr(args, "isolate", False) and len(precisions) > 1:
+        out = isolated(args, precisions)
+    else:
+        out = bench_train(recipe, precisions, args.batch_size, args.steps, args.device)
     if args.json:
         print(json.dumps(out))
         return 0

@@ -146,7 +146,66 @@ def check_budget(im: Image.Image, limits: Limits = LIMITS) -> None:
 
 def load_rgb(path: str | Path, limits: Limits = UNLIMITED) -> Image.Image:
     """The image at ``path`` as an EXIF-upright 8-bit RGB ``PIL.Image`` (raises on a bad file)."""
-    return to_rgb(_open(read_bounded(path, limits.max_file_bytes), limits))
+    return decode_rgb(read_bounded(path, limits.max_file_bytes), limits)
+
+
+def decode_rgb(data: bytes, limits: Limits = UNLIMITED) -> Image.Image:
+    """Encoded image bytes (a file's, or a shard member's) as an EXIF-upright 8-bit RGB ``PIL.Image``."""
+    return to_rgb(_open(data, limits))
+
+
+EXIF_ORIENTATION = 0x0112
+JPEG_REDUCTIONS = (8, 4, 2, 1)  # libjpeg's DCT scaling (Pillow ``draft``): 1/8, 1/4, 1/2, 1
+
+
+def decode_crop(
+    data: bytes,
+    box: tuple[int, int, int, int],
+    size: tuple[int, int],
+    flip: bool = False,
+    limits: Limits = UNLIMITED,
+) -> Image.Image:
+    """Decode only what a crop needs, then crop, resize and flip in one Pillow pass: 8-bit RGB ``size``.
+
+    box: ``(top, left, height, width)`` in upright source pixels; size: ``(H, W)`` out. A JPEG is decoded
+    at the smallest DCT scale (1/2, 1/4, 1/8, Pillow ``draft``) that still gives the crop at least ``size``
+    pixels, so a 480-px crop resized to 224 decodes at half resolution; every format is then resized from
+    the box alone (bicubic, antialiased: Pillow's ``resize(box=...)``), never converting the whole frame to
+    floats. A file with an EXIF rotation is decoded whole and made upright first (the box is upright).
+    Not bit-identical to decoding fully and resizing with torch (``View.apply``): a different resampler."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        im = Image.open(io.BytesIO(data))
+        check_budget(im, limits)
+        full_w, full_h = im.size
+        top, left, height, width = box
+        upright = im.getexif().get(EXIF_ORIENTATION, 1) in (0, 1)
+        if upright and im.format == "JPEG":
+            scale = min(width / size[1], height / size[0])  # source pixels per output pixel
+            reduce = next(f for f in JPEG_REDUCTIONS if f <= max(scale, 1))
+            if reduce > 1:
+                im.draft("RGB", (-(-full_w // reduce), -(-full_h // reduce)))
+        im.load()
+        if not upright:
+            im = ImageOps.exif_transpose(im)
+        rgb = to_rgb(im)
+    rx, ry = full_w / rgb.size[0], full_h / rgb.size[1]  # 1 unless draft reduced the decode
+    if not upright:
+        rx = ry = 1.0
+    w, h = rgb.size
+    crop = (left / rx, top / ry, min(w, (left + width) / rx), min(h, (top + height) / ry))
+    out = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC, box=crop)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def decode_jpegs_on(device: str, datas: list[bytes]) -> list:
+    """JPEG bytes -> uint8 RGB tensors ``[3, H, W]`` on ``device`` with ``torchvision.io.decode_jpeg``
+    (nvJPEG on CUDA, batched); the GPU decode path (``maelab bench data``)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
 @dataclass(frozen=True)

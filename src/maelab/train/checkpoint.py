@@ -4,12 +4,18 @@ and loaded with ``torch.load(weights_only=True)``. The encoder is also exported 
 A training checkpoint is the model, optimiser and scaler plus a :class:`TrainingState` (the step done,
 the data position, the loss history, the MLflow run) and every rank's RNG states: what an exact resume
 needs (see ``train/data.py`` for why the data position is enough for the data order).
+
+Two formats, either resumed by any strategy at any world size: ``checkpoint.pt`` (one file, rank 0 writes
+the gathered state; what DDP writes by default) and ``checkpoint.dcp/`` (``torch.distributed.checkpoint``:
+each rank writes its own shards; FSDP's default), chosen by ``train.checkpoint_format``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +88,27 @@ class TrainingState:
             set_rng_state(self.rng[rank] if rank < len(self.rng) else self.rng[0])
 
 
+CHECKPOINT_FILE = "checkpoint.pt"  # one torch file: the whole state, written by rank 0
+CHECKPOINT_DCP = "checkpoint.dcp"  # a torch.distributed.checkpoint folder: every rank writes its shards
+TRAIN_STATE = "train_state.pt"  # in a DCP folder: step, data position, RNGs, history (rank 0)
+FORMATS = ("file", "dcp")
+
+
+def checkpoint_path(out: Path, fmt: str) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"train.checkpoint_format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    return out / (CHECKPOINT_FILE if fmt == "file" else CHECKPOINT_DCP)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newer of ``out/checkpoint.pt`` and ``out/checkpoint.dcp`` (either resumes any strategy)."""
+    found = [p for p in (out / CHECKPOINT_FILE, out / CHECKPOINT_DCP / TRAIN_STATE) if p.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    return newest.parent if newest.name == TRAIN_STATE else newest
+
+
 def save_training_state(
     path: Path,
     state: TrainingState,
@@ -90,31 +117,58 @@ def save_training_state(
     scaler: torch.amp.GradScaler | None,
     meta: dict[str, Any],
 ) -> None:
-    """Every rank calls it (it gathers every rank's RNG for an exact resume under DDP); rank 0 writes.
+    """Every rank calls it (it gathers every rank's RNG for an exact resume, and the shards under FSDP).
 
-    meta: ``batches_per_epoch``, ``total_steps``, ``schedule``, ``world_size``, ``batch_size``, ``recipe``."""
+    ``path`` ending in ``.dcp``: a ``torch.distributed.checkpoint`` folder (every rank writes its shards;
+    loadable at any world size); else one torch file written by rank 0. Model and optimiser state are keyed
+    by parameter name, without wrapper prefixes (``maelab.train.strategy``), so DDP and FSDP runs resume
+    each other's checkpoints. meta: ``batches_per_epoch``, ``total_steps``, ``schedule``, ``world_size``,
+    ``batch_size``, ``recipe``."""
+    from maelab.train.strategy import full_state, sharded_state
+
     rngs = D.all_gather_object(rng_state())
+    bpe = meta["batches_per_epoch"]
+    header = {
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": state.step,
+        "total_steps": meta["total_steps"],
+        "schedule": meta["schedule"],
+        "data": {"epoch": state.consumed // bpe, "batch": state.consumed % bpe, "consumed": state.consumed},
+        "rng": rngs,
+        "history": state.history,
+        "mlflow_run_id": state.run_id,
+        "world_size": meta["world_size"],
+        "batch_size": meta["batch_size"],
+        "recipe": meta["recipe"],
+    }
+    if path.suffix == ".dcp":
+        save_dcp(path, sharded_state(model, optimizer), header)
+        return
+    whole = full_state(model, optimizer)  # a collective under FSDP: every rank gathers
     if D.rank() == 0:
-        bpe = meta["batches_per_epoch"]
-        data = {"epoch": state.consumed // bpe, "batch": state.consumed % bpe, "consumed": state.consumed}
-        save_checkpoint(
-            path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "step": state.step,
-                "total_steps": meta["total_steps"],
-                "schedule": meta["schedule"],
-                "data": data,
-                "rng": rngs,
-                "history": state.history,
-                "mlflow_run_id": state.run_id,
-                "world_size": meta["world_size"],
-                "batch_size": meta["batch_size"],
-                "recipe": meta["recipe"],
-            },
-        )
+        save_checkpoint(path, {**whole, **header})
+    D.barrier()
+
+
+def save_dcp(path: Path, tensors: dict[str, Any], header: dict[str, Any]) -> None:
+    """Write a DCP folder atomically: into ``.<name>.tmp`` (every rank), ``train_state.pt`` last (rank 0),
+    then rename onto ``path``; the previous checkpoint is removed only once the new one is complete."""
+
+    import torch.distributed.checkpoint as dcp
+
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    if D.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    dcp.save(tensors, checkpoint_id=tmp)
+    if D.rank() == 0:
+        save_checkpoint(tmp / TRAIN_STATE, header)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     D.barrier()
 
 
@@ -129,17 +183,33 @@ def load_training_state(
     meta: dict[str, Any],
     schedule_changes: bool = False,
 ) -> TrainingState:
-    """Load weights, optimiser and scaler in place; return the run's state (RNG: ``restore_rng``).
+    """Load weights, optimiser and scaler in place from a checkpoint file or DCP folder written by any
+    strategy and world size; return the run's state (RNG: ``restore_rng``). Every rank calls it.
 
     meta: this run's (as for :func:`save_training_state`); a changed world size, batch size or schedule
     is warned about, since the resumed run then no longer reproduces the saved one. schedule_changes: a
     new schedule is expected (a continuation with more steps), not warned about."""
-    ckpt = load_checkpoint(path, required=RESUME_KEYS)
+    from maelab.train.strategy import load_state, sharded_state, strip_prefixes
+
     try:
-        model.load_state_dict(ckpt["model"])
+        if path.is_dir():
+            import torch.distributed.checkpoint as dcp
+
+            required = [k for k in RESUME_KEYS if k not in FORMAT_KEYS]
+            ckpt = load_checkpoint(path / TRAIN_STATE, required=required)
+            tensors = sharded_state(model, optimizer)  # the layout to fill (shards under FSDP)
+            dcp.load(tensors, checkpoint_id=path)
+            load_state(model, optimizer, tensors, full=False)
+        else:
+            ckpt = load_checkpoint(path, required=RESUME_KEYS)
+            weights, optim = strip_prefixes(ckpt["model"]), ckpt["optimizer"]
+            if legacy_optimizer_state(optim):  # written before name-keyed optimiser state: parameter order
+                load_state(model, None, {"model": weights}, full=True)
+                optimizer.load_state_dict(optim)
+            else:
+                load_state(model, optimizer, {"model": weights, "optimizer": optim}, full=True)
     except RuntimeError as err:
         raise ValueError(f"{path}: field 'model' does not fit this recipe's model: {err}") from err
-    optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     warn_changes(path, ckpt, {**meta, "schedule": ckpt.get("schedule")} if schedule_changes else meta)
@@ -150,6 +220,15 @@ def load_training_state(
         ckpt.get("mlflow_run_id"),
         ckpt["rng"],
     )
+
+
+FORMAT_KEYS = ("model", "optimizer")  # in a DCP folder these are the shards, not train_state.pt
+
+
+def legacy_optimizer_state(optim: dict[str, Any]) -> bool:
+    """``optimizer.state_dict()`` as older checkpoints hold it: state keyed by parameter index."""
+    groups = optim.get("param_groups") or [{}]
+    return any(isinstance(p, int) for p in groups[0].get("params", []))
 
 
 def warn_changes(path: Path, ckpt: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -171,3 +250,16 @@ def warn_changes(path: Path, ckpt: dict[str, Any], meta: dict[str, Any]) -> None
             path,
             changed,
         )
+
+
+def set_aside_checkpoint(out: Path) -> None:
+    """A fresh run moves an earlier run's checkpoints (file or DCP folder) to ``checkpoint.previous.*``: if
+    this run dies before its first save, a resume (a Prefect retry) must start over, not continue the
+    earlier run."""
+    for checkpoint in (out / CHECKPOINT_FILE, out / CHECKPOINT_DCP):
+        if checkpoint.exists():
+            previous = checkpoint.with_name(f"{checkpoint.stem}.previous{checkpoint.suffix}")
+            if previous.is_dir():
+                shutil.rmtree(previous)
+            checkpoint.replace(previous)
+            log.info("fresh run: the earlier checkpoint is now %s", previous)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from maelab.data.decode import load_rgb
+from maelab.data.decode import decode_crop, decode_rgb, load_rgb, read_bounded
 from maelab.data.manifest import image_path, select_rows
 from maelab.data.view import IMAGENET_MEAN, IMAGENET_STD, View
 from maelab.masking.context import MaskContext
@@ -124,6 +124,11 @@ class PretrainDataset(Dataset):
         self.masker = masker
         self.extras = list(extras) + recipe_extras(recipe)
         self.accum_steps, self.total_steps = 1, 0  # the engine sets them once the run's length is known
+        # data.decode: full (decode whole, torch bicubic) | crop (decode only what the crop needs, Pillow);
+        # data.shards: read the encoded bytes from ingest's packed shards instead of one file per image
+        self.decode = str(data_cfg.get("decode") or "full")
+        self.shards = data_cfg.get("shards")
+        self._reader: Any = None
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -142,6 +147,43 @@ class PretrainDataset(Dataset):
             ) from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
+    def image_bytes(self, row: pd.Series) -> bytes:
+        """The encoded image: from the shard folder (``data.shards``) or its own file."""
+        if self.shards:
+            if self._reader is None:
+                from maelab.data.shards import ShardReader
+
+                self._reader = ShardReader(self.shards)
+            return self._reader.read(str(row["image_id"]))
+        return read_bounded(image_path(row), 1 << 40)
+
+    def load_view(self, row: pd.Series, generator: torch.Generator) -> tuple[View, Tensor]:
+        """The sample's random view and its pixels ``[3, H, W]`` in [0, 1]. ``data.decode: crop`` draws the
+        same view from the manifest's (upright) size, then decodes only what it needs
+        (``maelab.data.decode.decode_crop``)."""
+        if self.decode == "crop" or self.shards:
+            src_hw = (int(row["height"]), int(row["width"]))
+            view = View.random_resized_crop(src_hw, self.size, self.crop_scale, generator=generator)
+            try:
+                data = self.image_bytes(row)
+                if self.decode == "crop":
+                    box = (view.top, view.left, view.height, view.width)
+                    arr = np.asarray(decode_crop(data, box, view.size, view.flip))
+                    return view, torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+                img = np.asarray(decode_rgb(data))
+            except (OSError, ValueError, KeyError) as exc:
+                raise ValueError(
+                    f"{image_path(row)}: cannot decode image ({row['image_id']!r}): {exc}"
+                ) from exc
+            full = torch.from_numpy(img.copy()).permute(2, 0, 1).float().div_(255.0)
+            return view, view.apply(full, mode="bicubic").clamp_(0.0, 1.0)
+        img = self.load_image(row)  # [3, h, w]
+        # MAE §A.1: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip
+        view = View.random_resized_crop(
+            tuple(img.shape[-2:]), self.size, self.crop_scale, generator=generator
+        )
+        return view, view.apply(img, mode="bicubic").clamp_(0.0, 1.0)
+
     def context(self, epoch: int, batch: int) -> MaskContext:
         return MaskContext(step=batch // self.accum_steps, epoch=epoch, total_steps=self.total_steps)
 
@@ -149,10 +191,7 @@ class PretrainDataset(Dataset):
         epoch, index, batch = key if len(key) == 3 else (*key, 0)
         row = self.rows.iloc[index]
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        img = self.load_image(row)  # [3, h, w]
-        # MAE §A.1: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip
-        view = View.random_resized_crop(tuple(img.shape[-2:]), self.size, self.crop_scale, generator=g)
-        img = view.apply(img, mode="bicubic").clamp_(0.0, 1.0)
+        view, img = self.load_view(row, g)
         sample: dict[str, Any] = {
             "image": (img - self.mean) / self.std,
             "index": index,

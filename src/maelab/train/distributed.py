@@ -54,6 +54,17 @@ def setup(device: str | None = None) -> DistInfo:
     return DistInfo(rank, local_rank, world, dev)
 
 
+def ensure_group(device: torch.device) -> None:
+    """A process group even for one process (FSDP2 and its device mesh need one): an in-memory store,
+    nccl on CUDA, gloo on CPU."""
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -26,15 +26,23 @@ import pandas as pd
 import torch
 from torch import nn
 
-from maelab.files import atomic_write_text, save_safetensors
+from maelab.files import atomic_write_text
 from maelab.masking import MaskContext
 from maelab.models import build_pretrainer
-from maelab.models.embedder import image_embedder
-from maelab.paths import project_root
 from maelab.schema import check_recipe
 from maelab.train import distributed as D
-from maelab.train.checkpoint import TrainingState, save_training_state
+from maelab.train.artifacts import (
+    ENCODER,
+    Pictures,
+    encoder_weights,
+    export_encoder,
+    log_encoder_model,
+    log_pictures,
+    start_tracking,
+)
+from maelab.train.checkpoint import TrainingState, save_training_state, set_aside_checkpoint
 from maelab.train.data import SampleExtra, build_loader
+from maelab.train.metrics import StepMeter, forward_flops_per_image
 from maelab.train.optim import optimizer_step
 from maelab.train.precision import autocast
 from maelab.train.result import TrainResult, peak_memory_mb
@@ -52,12 +60,8 @@ from maelab.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-ENCODER = "encoder.safetensors"
 RESULT = "result.json"
 __all__ = ["CHECKPOINT", "ENCODER", "RESULT", "NonFiniteLossError", "TrainResult", "out_dir_for", "train"]
-
-# (model, batch, outputs) -> {name: PNG bytes}: logged every ``image_every`` steps and at the end
-Pictures = Callable[[nn.Module, dict[str, Any], Any], dict[str, bytes]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -117,7 +121,7 @@ def _train(
     resume = bool(tcfg.get("resume", False)) if resume is None else resume
     state = resume_state(run, resume)
     if not resume and run.dist.is_main:
-        set_aside_checkpoint(run.checkpoint)
+        set_aside_checkpoint(run.out)
     bpe = run.batches_per_epoch
     loader, _ = build_loader(
         run.dataset,
@@ -129,19 +133,16 @@ def _train(
         num_workers=int(recipe.get("data", {}).get("num_workers", 0)),
         pin_memory=run.device.type == "cuda",
     )
-    batches = iter(loader)
+    images_per_step = run.batch_size * run.accum * run.dist.world_size
+    meter = StepMeter(images_per_step, run.device, run.dist.world_size)
+    batches = meter.timed(iter(loader))  # data-loader wait per step
     state.restore_rng(run.dist.rank)  # after building everything that might draw random numbers
-    tracker = Tracker(mlflow if run.dist.is_main else None, enabled=run.dist.is_main and mlflow is not None)
-    new_run = state.run_id is None
-    state.run_id = tracker.start(run.name, recipe, run_id=state.run_id, tags=run_tags(run))
-    if new_run:
-        tracker.log_dataset(manifest, manifest_source(recipe))
+    tracker = start_tracking(run, recipe, manifest, mlflow, state)
     log_every, ckpt_every = int(tcfg.get("log_every", 10)), int(tcfg.get("ckpt_every") or 0)
     image_every, total = int(tcfg.get("image_every") or 0), run.schedule.total_steps
     end = total if stop_after is None else min(total, int(stop_after))
-    images_per_step = run.batch_size * run.accum * run.dist.world_size
     bar = progress_bar(run, progress, state.step)
-    start_step, step_times, batch, outputs, status = state.step, [], None, None, "FAILED"
+    start_step, batch, outputs, status = state.step, None, None, "FAILED"
     run.model.train()
     try:
         for step in range(start_step, end):
@@ -155,10 +156,12 @@ def _train(
             state.step = step_done = step + 1
             for key, value in {"loss": stats["loss"], "lr": lr_now, **stats}.items():
                 state.history.setdefault(key, []).append(value)
-            step_times.append(time.perf_counter() - t0)
-            ips = images_per_step / step_times[-1]
+            seconds = time.perf_counter() - t0
+            speed = {"images_per_s": images_per_step / seconds, **meter.step_done(seconds)}
+            if step == start_step and run.dist.is_main:  # once: model FLOPs for MFU (meta device, free)
+                meter.flops_per_image = forward_flops_per_image(build_model, recipe, batch)
             log_now = run.dist.is_main and (step_done % log_every == 0 or step_done == end)
-            report_step(run, tracker, bar, log_now, {"lr": lr_now, "images_per_s": ips, **stats}, step_done)
+            report_step(run, tracker, bar, log_now, {"lr": lr_now, **speed, **stats}, step_done)
             if image_every and step_done % image_every == 0 and step_done != total:
                 log_pictures(run, tracker, pictures, batch, outputs, step_done)
             if (ckpt_every and step_done % ckpt_every == 0) or step_done == end:
@@ -173,18 +176,19 @@ def _train(
         if status != "FINISHED":
             tracker.end(status)
     encoder_path = None
+    weights = encoder_weights(run) if end == total else None  # every rank: a gather under FSDP
     if end == total and run.dist.is_main:
-        encoder_path = export_encoder(run, end)
+        encoder_path = export_encoder(run, end, weights)
         tracker.log_artifact(encoder_path, "encoder")
         if batch is not None:
             log_pictures(run, tracker, pictures, batch, outputs, end)
             log_encoder_model(run, tracker, batch, end)
-    timed = step_times[2:] if len(step_times) > 4 else step_times
+    speed = meter.summary(compiled=bool(run.recipe["train"].get("compile")))
     result = TrainResult(
         recipe=run.name,
         steps=end,
         history=state.history,
-        images_per_s=images_per_step * len(timed) / sum(timed) if timed else 0.0,
+        images_per_s=float(speed.pop("images_per_s") or 0.0),
         wall_s=time.perf_counter() - t_start,
         peak_mem_mb=peak_memory_mb(run.device),
         out_dir=str(run.out),
@@ -194,9 +198,11 @@ def _train(
         start_step=start_step,
         precision=run.precision,
         world_size=run.dist.world_size,
+        speed=speed,
     )
     if run.dist.is_main:
-        tracker.log_metrics({"wall_s": result.wall_s}, end)
+        summary = {f"run/{k}": v for k, v in speed.items() if v is not None}
+        tracker.log_metrics({"wall_s": result.wall_s, "run/peak_mem_mb": result.peak_mem_mb, **summary}, end)
         if end == total:
             write_json(run.out / RESULT, result.report())
         tracker.end("FINISHED" if end == total else "KILLED")
@@ -266,64 +272,8 @@ def check_finite(stats: dict[str, float], step: int, checkpoint: Path) -> None:
     detail = ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in stats.items() if k != "loss")
     raise NonFiniteLossError(
         f"loss is {stats['loss']} at step {step} (heads: {detail}); "
-        f"last good checkpoint kept: {checkpoint if checkpoint.is_file() else 'none'}"
+        f"last good checkpoint kept: {checkpoint if checkpoint.exists() else 'none'}"
     )
-
-
-def log_pictures(
-    run: Run, tracker: Tracker, pictures: Pictures | None, batch: Any, outputs: Any, step_done: int
-) -> None:
-    """The caller's pictures of this step (reconstruction grid, region maps, ...) to the tracker."""
-    if pictures is None or not (run.dist.is_main and tracker.enabled):
-        return
-    with torch.no_grad(), autocast(run.precision, run.device):
-        pngs = pictures(run.raw, batch, outputs)
-    for name, png in pngs.items():
-        tracker.log_image(png, name, step_done)
-
-
-def set_aside_checkpoint(checkpoint: Path) -> None:
-    """A fresh run moves an earlier run's checkpoint to ``checkpoint.previous.pt``: if this run dies before
-    its first save, a resume (a Prefect retry) must start over, not continue the earlier run."""
-    if checkpoint.is_file():
-        previous = checkpoint.with_name(f"{checkpoint.stem}.previous{checkpoint.suffix}")
-        checkpoint.replace(previous)
-        log.info("fresh run: the earlier checkpoint is now %s", previous)
-
-
-def run_tags(run: Run) -> dict[str, str]:
-    """What identifies a run beyond its params: recipe, world size, precision and device type."""
-    return {
-        "maelab.recipe": run.name,
-        "maelab.world_size": str(run.dist.world_size),
-        "maelab.precision": str(run.precision),
-        "maelab.device": run.device.type,
-    }
-
-
-def manifest_source(recipe: dict[str, Any]) -> Path:
-    """Where the run's manifest comes from (``data.manifest``, relative to the project root)."""
-    path = Path(recipe.get("data", {}).get("manifest", "data/02_intermediate/manifest.parquet"))
-    return path if path.is_absolute() else project_root() / path
-
-
-def log_encoder_model(run: Run, tracker: Tracker, batch: dict[str, Any], step: int) -> None:
-    """The encoder as an MLflow pytorch model (``ImageEmbedder``: images -> CLS embeddings) with the first
-    two images of the last batch as its input example."""
-    encoder = getattr(run.raw, "encoder", run.raw)
-    if not (tracker.active and hasattr(encoder, "forward_features")):
-        return
-    example = batch["image"][:2].detach().float().cpu()
-    if example.shape[0] < 2:  # a batch of 2 lets torch.export keep the batch dimension dynamic
-        example = example.repeat(2, 1, 1, 1)
-    embedder = image_embedder(encoder)
-    tracker.log_model(embedder, example, step, tags={"recipe": run.name})
-
-
-def export_encoder(run: Run, steps: int) -> str:
-    encoder = getattr(run.raw, "encoder", run.raw)
-    meta = {"recipe": run.name, "steps": str(steps), "encoder_config": json.dumps(run.recipe["encoder"])}
-    return str(save_safetensors(run.out / ENCODER, encoder.state_dict(), meta))
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ class TrainResult:
     start_step: int = 0
     precision: str = "fp32"
     world_size: int = 1
+    speed: dict[str, float | None] = field(default_factory=dict)  # step_ms, data_wait_ms, compile_s, mfu...
 
     def report(self) -> dict[str, Any]:
         """Summary for ``data/08_reporting/pretrain_<recipe>.json``: first/last loss are 20-step means."""
@@ -44,6 +45,7 @@ class TrainResult:
             "steps": self.steps,
             **first_last(self.history.get("loss", [])),
             **{k: getattr(self, k) for k in keep},
+            **self.speed,
             "heads": heads,
             "mlflow_run_id": self.mlflow_run_id,
             "encoder_path": self.encoder_path,

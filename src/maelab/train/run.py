@@ -22,20 +22,28 @@ from maelab.masking import MaskPlan
 from maelab.paths import project_root
 from maelab.pools import held_lock
 from maelab.train import distributed as D
-from maelab.train.checkpoint import TrainingState, load_training_state
+from maelab.train.checkpoint import (
+    CHECKPOINT_FILE,
+    TrainingState,
+    checkpoint_path,
+    latest_checkpoint,
+    load_training_state,
+)
 from maelab.train.data import PretrainDataset, SampleExtra, read_manifest
 from maelab.train.optim import build_optimizer
 from maelab.train.precision import grad_scaler, resolve_precision
 from maelab.train.schedule import CosineSchedule, base_lr, resolve_steps
+from maelab.train.strategy import wrap_model
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT_FILE
 
 
 @dataclass
 class Run:
-    """What one training run is made of (``setup_run``); ``model`` is ``raw`` wrapped by DDP / compile."""
+    """What one training run is made of (``setup_run``); ``model`` is what the step calls: ``raw`` itself
+    (compiled in place, sharded in place under FSDP) or its DDP wrapper."""
 
     name: str
     recipe: dict[str, Any]
@@ -52,6 +60,7 @@ class Run:
     batch_size: int
     accum: int
     batches_per_epoch: int
+    strategy: str = "ddp"
 
     @property
     def device(self) -> torch.device:
@@ -59,7 +68,10 @@ class Run:
 
     @property
     def checkpoint(self) -> Path:
-        return self.out / CHECKPOINT
+        """Where this run writes: ``checkpoint.pt`` or ``checkpoint.dcp`` (``train.checkpoint_format``;
+        default ``dcp`` under FSDP, ``file`` under DDP)."""
+        fmt = self.recipe["train"].get("checkpoint_format") or ("dcp" if self.strategy == "fsdp" else "file")
+        return checkpoint_path(self.out, fmt)
 
     def meta(self) -> dict[str, Any]:
         s = self.schedule
@@ -116,16 +128,10 @@ def setup_run(
     torch.manual_seed(seed)
     raw = build_model(recipe).to(dist.device)
     dataset = PretrainDataset(manifest, recipe, seed=seed, masker=getattr(raw, "masker", None), extras=extras)
-    model, ddp = raw, None
-    if dist.enabled:
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
-        unused = bool(tcfg.get("find_unused_parameters", False))
-        model = ddp = DDP(raw, device_ids=ids, find_unused_parameters=unused)
-    if tcfg.get("compile"):
-        model = torch.compile(model)
-    lr = base_lr(tcfg, dist.world_size)
-    optimizer = build_optimizer(raw, lr, tcfg)
     precision = resolve_precision(tcfg.get("precision", "auto"), dist.device)
+    model, ddp = wrap_model(raw, tcfg, dist.world_size, dist.device, precision)
+    lr = base_lr(tcfg, dist.world_size)
+    optimizer = build_optimizer(raw, lr, tcfg)  # after sharding: FSDP's optimiser holds the shards
     batches_per_epoch = -(-len(dataset) // dist.world_size) // batch_size
     total, warmup = resolve_steps(tcfg, max(1, batches_per_epoch // accum))
     dataset.accum_steps, dataset.total_steps = accum, total
@@ -164,16 +170,19 @@ def setup_run(
         batch_size,
         accum,
         batches_per_epoch,
+        str(tcfg.get("strategy") or "ddp"),
     )
 
 
 def resume_state(run: Run, resume: bool) -> TrainingState:
-    """The run's own checkpoint (``resume``), else the full state named by ``train.init_from``, else a
-    fresh start. A resumed continuation thus picks up its own progress, not the state it started from."""
-    if resume and run.checkpoint.is_file():
-        state = load_training_state(run.checkpoint, run.raw, run.optimizer, run.scaler, run.meta())
+    """The newest checkpoint in the output folder (``resume``; file or DCP, whichever strategy and world size
+    wrote it), else the full state named by ``train.init_from``, else a fresh start. A resumed continuation
+    thus picks up its own progress, not the state it started from."""
+    found = latest_checkpoint(run.out) if resume else None
+    if found is not None:
+        state = load_training_state(found, run.raw, run.optimizer, run.scaler, run.meta())
         epoch = state.consumed // run.batches_per_epoch
-        log.info("resumed %s at step %d (epoch %d)", run.checkpoint, state.step, epoch)
+        log.info("resumed %s at step %d (epoch %d)", found, state.step, epoch)
         return state
     if resume:
         log.warning("%s: no checkpoint, starting from scratch", run.checkpoint)

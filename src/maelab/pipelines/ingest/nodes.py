@@ -140,6 +140,20 @@ def build_manifest(candidates: pd.DataFrame, decoded: pd.DataFrame) -> tuple[pd.
     return conform(good), quarantine
 
 
+def pack_shards(manifest: pd.DataFrame, ingest: dict[str, Any]) -> dict[str, Any]:
+    """``ingest.shards: {dir, images_per_shard}``: the manifest's images packed into WebDataset-style tar
+    shards with an index (``maelab.data.shards``), for ``data.shards`` in training; unset: nothing."""
+    cfg = ingest.get("shards") or {}
+    if not cfg:
+        return {"shards": 0}
+    from maelab.data.shards import write_shards
+
+    folder = resolve_root(cfg.get("dir") or "data/02_intermediate/shards")
+    index = write_shards(manifest, folder, int(cfg.get("images_per_shard", 1000)))
+    log.info("packed %d images into %d shards in %s", len(index), index["shard"].nunique(), folder)
+    return {"dir": str(folder), "images": len(index), "shards": int(index["shard"].nunique())}
+
+
 def export_annotations(annotations: dict[str, dict], manifest: pd.DataFrame) -> dict[str, dict]:
     """COCO-format JSON per detection source/split, limited to the manifest's images.
 

@@ -27,6 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["manifest", "ingest_quarantine"],
                 name="build_manifest",
             ),
+            node(nodes.pack_shards, ["manifest", "params:ingest"], "ingest_shards", name="pack_shards"),
             node(
                 nodes.export_annotations,
                 ["ingest_annotations", "manifest"],
