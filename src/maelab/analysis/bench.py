@@ -239,9 +239,9 @@ def _print_run(out: dict[str, Any]) -> None:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         ips, mean, ms, mb = r["images_per_s"], r["images_per_s_mean"], r["step_ms"], r["peak_mem_mb"]
         cpu, first = r["cpu_step_ms"], r.get("first_step_s", 0.0)
-        print(
-            f"{r['precision']:>24} {ips:10.2f} {mean:10.2f} {ms:10.1f} {cpu:10.1f} {first:10.1f} {mb:10.0f} {mfu:>6}"
-        )
+        values = ((ips, 2), (mean, 2), (ms, 1), (cpu, 1), (first, 1), (mb, 0))
+        cells = " ".join(f"{v:10.{d}f}" for v, d in values)
+        print(f"{r['precision']:>24} {cells} {mfu:>6}")
 
 
 def isolated(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
