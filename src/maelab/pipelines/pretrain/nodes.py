@@ -87,21 +87,45 @@ def with_region_store(recipe: dict[str, Any], region_store: RegionStore | None) 
     return recipe
 
 
+def with_teacher_store(recipe: dict[str, Any], teacher_store: RegionStore | None) -> dict[str, Any]:
+    """The recipe with ``data.teacher.store`` set to its teacher's folder in the ``teacher_store`` dataset
+    (``data.teacher.mode: store``; online recipes are returned unchanged)."""
+    teacher = recipe.get("data", {}).get("teacher") or {}
+    if teacher.get("mode") != "store":
+        return recipe
+    if teacher_store is None:
+        raise ValueError(
+            f"recipe {recipe.get('name')!r} reads stored teacher features (data.teacher.mode: store) but its "
+            "pipeline has no teacher_store input"
+        )
+    if not teacher.get("source"):
+        raise ValueError(
+            f"recipe {recipe.get('name')!r}: data.teacher.source (the stored teacher, a key of "
+            "teachers.teachers) is needed in store mode"
+        )
+    recipe = copy.deepcopy(recipe)
+    recipe["data"]["teacher"]["store"] = str(teacher_store[teacher["source"]].path)
+    return recipe
+
+
 def pretrain(
     manifest: pd.DataFrame,
     recipe: dict[str, Any],
     run_env: str | None,
     region_store: RegionStore | None = None,
+    teacher_store: RegionStore | None = None,
 ) -> tuple[dict[str, Any], str, str]:
     """Train a resolved recipe -> (report, encoder path, checkpoint path).
 
     run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
     region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
+    teacher_store: the store MR-MAE's mimic head reads in store mode (the ``teachers`` pipeline writes it).
     """
     from maelab.orchestration.teachers import resolve_teacher_weights  # MR-MAE: models:/ URIs -> files
     from maelab.train.engine import train
 
-    recipe = resolve_teacher_weights(with_region_store(recipe, region_store), run_env)
+    recipe = with_teacher_store(with_region_store(recipe, region_store), teacher_store)
+    recipe = resolve_teacher_weights(recipe, run_env)
     devices = int(recipe["train"].get("devices") or 1)
     if devices > 1:
         report = launch_torchrun(recipe, manifest, devices, run_env)
