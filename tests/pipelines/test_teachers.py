@@ -67,3 +67,29 @@ def test_teachers_params_are_strict() -> None:
         check_params({"batchsize": 2})
     with pytest.raises(ValueError, match=r"teachers\.agreement\.image: unknown key"):
         check_params({"agreement": {"image": 2}})
+
+
+def test_a_store_recipe_gets_its_folder_and_its_pipeline_reads_the_store(tmp_path) -> None:
+    from maelab.pipeline_registry import pretrain_pipelines
+    from maelab.pipelines.pretrain.nodes import with_teacher_store
+
+    recipe = {"name": "r", "data": {"teacher": {"mode": "store", "source": "tiny"}}}
+    store = RegionStore(tmp_path / "teachers", codec="raw")
+    got = with_teacher_store(recipe, store)["data"]["teacher"]["store"]
+    assert got == str(tmp_path / "teachers" / "tiny")
+    assert "store" not in recipe["data"]["teacher"]  # the input recipe is left alone
+    online = {"name": "o", "data": {"teacher": {"mode": "online"}}}
+    assert with_teacher_store(online, None) is online
+    with pytest.raises(ValueError, match=r"data\.teacher\.source"):
+        with_teacher_store({"name": "r", "data": {"teacher": {"mode": "store"}}}, store)
+    with pytest.raises(ValueError, match="no teacher_store input"):
+        with_teacher_store(recipe, None)
+
+    base = {"encoder": {"img_size": 32, "patch_size": 8}, "heads": {"pixel": {"type": "pixel_decoder"}}}
+    pipes = pretrain_pipelines(
+        {
+            "recipe_defaults": base,
+            "recipes": {"online": {}, "stored": {"data": {"teacher": {"mode": "store", "source": "t"}}}},
+        }
+    )
+    assert "teacher_store" in pipes["stored"].inputs() and "teacher_store" not in pipes["online"].inputs()
