@@ -32,19 +32,21 @@ def params(teacher: Path) -> dict:
 RECIPES = {"toy": {"encoder": {"img_size": 32, "patch_size": 8}, "data": {"crop_scale": [0.3, 1.0]}}}
 
 
-def test_teachers_pipeline_in_memory_is_incremental_and_reports_agreement(tmp_path, run_memory) -> None:
+def test_teachers_pipeline_in_memory_is_incremental_and_reports_agreement(
+    tmp_path, run_memory, monkeypatch
+) -> None:
     manifest = write_images(tmp_path / "toy", 5)
     teacher = save_teacher(tmp_path / "teacher.safetensors")
     store_dir = tmp_path / "teachers"
 
-    def run():
+    def run(**change):
         inputs = {
             "manifest": manifest,
             "teacher_store_previous": TeacherStoreDataset(str(store_dir)),
             "teacher_store": TeacherStoreDataset(str(store_dir)),
             "run_env": None,
         }
-        extra = {"teachers": params(teacher), "recipes": RECIPES, "recipe_defaults": {}}
+        extra = {"teachers": {**params(teacher), **change}, "recipes": RECIPES, "recipe_defaults": {}}
         out = run_memory(create_pipeline(), inputs, extra)
         assert isinstance(out["teacher_store"], RegionStore) and out["teacher_store"].path == store_dir
         return out["teachers_report"]["teachers"]["tiny"]
@@ -57,9 +59,20 @@ def test_teachers_pipeline_in_memory_is_incremental_and_reports_agreement(tmp_pa
     assert check["identity"]["mean_cosine"] > 0.999
     assert check["wrong_flip"]["mean_cosine"] < check["views"]["mean_cosine"]
 
-    second = run()  # nothing changed: nothing computed
+    assert check["identity"]["mean_cosine_centred"] > 0.999
+
+    def never(*args, **kwargs):
+        raise AssertionError("computed in a run with nothing to compute")
+
+    with monkeypatch.context() as m:  # nothing changed: no teacher forward, for the store or the agreement
+        m.setattr("maelab.teachers.store.TeacherSource.compute_batch", never)
+        m.setattr("maelab.pipelines.teachers.nodes.agreement", never)
+        second = run()
     assert (second["computed"], second["up_to_date"], second["shards_written"]) == (0, 5, 0)
     assert second["agreement"] == check
+
+    third = run(agreement={"images": 3, "recipe": "toy", "seed": 1})  # other views: measured again
+    assert third["computed"] == 0 and third["agreement"]["images"] == 3
 
 
 def test_teachers_params_are_strict() -> None:

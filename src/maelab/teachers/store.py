@@ -244,6 +244,12 @@ def extra_from_params(params: Mapping[str, Any], recipe: Mapping[str, Any]) -> T
     return TeacherExtra(store, grid, stored_features_key(head))
 
 
+def _centre(maps: Tensor) -> Tensor:
+    """[B, L, C] minus each map's mean over its L patches."""
+    maps = maps.float()
+    return maps - maps.mean(dim=1, keepdim=True)
+
+
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1)  # [..., L]
 
@@ -263,11 +269,16 @@ def agreement(
     """Mean cosine over patches between the store's features (resampled per view) and the online teacher on
     the same views at the student's ``size``/``grid``: ``views`` = training views (RandomResizedCrop with
     ``crop_scale`` and a random flip, seeded), ``identity`` = the whole image unflipped, ``wrong_flip`` =
-    the whole image with the store read mirrored (a control: it must be clearly lower)."""
+    the whole image with the store read mirrored (a control: it must be clearly lower).
+
+    ``mean_cosine`` compares the raw features; ``mean_cosine_centred`` first subtracts each map's mean over
+    its patches (a feature all patches share, e.g. a flat background's, lifts the raw cosine of any pairing,
+    the wrong flip's included; the centred one says whether the *spatial* pattern agrees)."""
     rows = rows.sort_values("image_id", kind="stable").reset_index(drop=True)
     pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     g = torch.Generator().manual_seed(seed + 1)
     sums: dict[str, list[Tensor]] = {"views": [], "identity": [], "wrong_flip": []}
+    centred: dict[str, list[Tensor]] = {kind: [] for kind in sums}
     for i in range(0, len(pick), batch_size):
         chunk = [rows.iloc[j].to_dict() for j in pick[i : i + batch_size]]
         for kind in sums:
@@ -287,9 +298,15 @@ def agreement(
                 )
                 feats = torch.from_numpy(np.array(store.get(str(r["image_id"]))))
                 stored.append(resample_view(feats, read, source_hw(r), grid))
-            sums[kind].append(_cosine(online, torch.stack(stored)).flatten())
+            stored_t = torch.stack(stored)  # [B, L, C]
+            sums[kind].append(_cosine(online, stored_t).flatten())
+            centred[kind].append(_cosine(_centre(online), _centre(stored_t)).flatten())
     out: dict[str, Any] = {"images": len(pick), "grid": list(grid), "size": list(size), "seed": seed}
     for kind, parts in sums.items():
         cos = torch.cat(parts)
-        out[kind] = {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5)}
+        out[kind] = {
+            "mean_cosine": round(float(cos.mean()), 5),
+            "min_cosine": round(float(cos.min()), 5),
+            "mean_cosine_centred": round(float(torch.cat(centred[kind]).mean()), 5),
+        }
     return out

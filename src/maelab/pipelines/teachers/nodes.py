@@ -3,16 +3,22 @@
 Each teacher in ``teachers.compute`` is brought up to date in the store by the region store's build
 (``maelab.regions.build.build_source``: sharded, incremental, locked, atomic, safe to kill), then, when
 ``teachers.agreement.images`` > 0, its stored features are compared with the online teacher on the views a
-recipe's training makes (``maelab.teachers.store.agreement``). The report goes to ``teachers_report``.
+recipe's training makes (``maelab.teachers.store.agreement``); an unchanged store, teacher and view settings
+reuse the last measurement (``agreement.json`` in the teacher's folder), so a second run computes nothing.
+The report goes to ``teachers_report``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from typing import Any
 
 import pandas as pd
 
 from maelab.data.manifest import select_rows
+from maelab.files import atomic_write_text
 from maelab.pipelines.regions.nodes import check_manifest
 from maelab.recipes import resolve_recipe
 from maelab.regions.build import build_source
@@ -33,6 +39,9 @@ KEYS = {
     "agreement",
 }
 AGREEMENT_KEYS = {"images", "recipe", "seed"}
+AGREEMENT_FILE = "agreement.json"  # in the teacher's store folder: the last measurement and what it measured
+
+log = logging.getLogger(__name__)
 
 
 def check_params(params: dict[str, Any]) -> None:
@@ -119,15 +128,28 @@ def measure(
     size = enc["img_size"]
     hw = (size, size) if isinstance(size, int) else tuple(size)
     grid = (hw[0] // enc["patch_size"], hw[1] // enc["patch_size"])
+    crop_scale = tuple(recipe.get("data", {}).get("crop_scale", (0.2, 1.0)))
+    store.refresh()
+    index = store.index[["image_id", "content_hash", "fingerprint"]]
+    what = [source.fingerprint, check, list(hw), list(grid), list(crop_scale), index.values.tolist()]
+    key = hashlib.sha1(json.dumps(what, default=str).encode()).hexdigest()
+    cached = store.path / AGREEMENT_FILE
+    if cached.is_file():  # the same store, teacher and views as last time: nothing to compute
+        previous = json.loads(cached.read_text())
+        if previous.get("key") == key:
+            log.info("teachers[%s]: agreement unchanged since the last run (%s)", source.name, cached)
+            return previous["agreement"]
     out = agreement(
         source.teacher,
-        store.refresh(),
+        store,
         rows,
         grid,
         hw,
-        tuple(recipe.get("data", {}).get("crop_scale", (0.2, 1.0))),
+        crop_scale,
         images=int(check["images"]),
         seed=int(check.get("seed", 0)),
         batch_size=source.batch_size,
     )
-    return {"recipe": name, **out}
+    result = {"recipe": name, **out}
+    atomic_write_text(cached, json.dumps({"key": key, "agreement": result}, indent=1) + "\n")
+    return result
