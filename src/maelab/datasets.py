@@ -74,3 +74,11 @@ class RegionStoreDataset(AbstractDataset[Mapping[str, Iterable[tuple[str, str, n
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "codec": self._codec}
+
+
+class TeacherStoreDataset(RegionStoreDataset):
+    """Kedro dataset for the teacher-feature store (``maelab.teachers.store``): the region store's layout and
+    handle, one folder per teacher, float16 features kept uncompressed (codec ``raw``)."""
+
+    def __init__(self, path: str, codec: str = "raw", metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(path, codec, metadata)

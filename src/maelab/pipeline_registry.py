@@ -14,7 +14,17 @@ import os
 from kedro.pipeline import Pipeline
 
 from maelab.config import load_config, resolve_recipe
-from maelab.pipelines import compare, ingest, interactive, pretrain, regions, report, rmae_full, transfer
+from maelab.pipelines import (
+    compare,
+    ingest,
+    interactive,
+    pretrain,
+    regions,
+    report,
+    rmae_full,
+    teachers,
+    transfer,
+)
 from maelab.pipelines.transfer.pipeline import evaluated_encoders
 
 
@@ -26,7 +36,12 @@ def pretrain_pipelines(params: dict) -> dict[str, Pipeline]:
     out = {}
     for name in recipes:
         recipe = resolve_recipe(params, name)
-        out[name] = pretrain.create_pipeline(name, uses_regions=bool(recipe.get("data", {}).get("regions")))
+        data = recipe.get("data", {})
+        out[name] = pretrain.create_pipeline(
+            name,
+            uses_regions=bool(data.get("regions")),
+            uses_teacher_store=(data.get("teacher") or {}).get("mode") == "store",
+        )
     return out
 
 
@@ -45,6 +60,7 @@ def build_pipelines(params: dict) -> dict[str, Pipeline]:
     pipelines = {
         "ingest": ingest.create_pipeline(),
         "regions": regions.create_pipeline(),
+        "teachers": teachers.create_pipeline(),
         "pretrain": trainers[default_recipe],
         "transfer": transfer.create_pipeline(encoders, transfer_params),
         "report": report.create_pipeline(encoders),

@@ -26,6 +26,7 @@ TOP_LEVEL = (
     "recipes",
     "ingest",
     "regions",
+    "teachers",
     "transfer",
     "report",
     "interactive",
@@ -85,6 +86,16 @@ class RegionsData(_Strict):
     key: str | None = None
 
 
+class TeacherData(_Strict):
+    """MR-MAE teacher features: ``online`` (the teacher runs in the step, the default) or ``store`` (read
+    from the ``teachers`` pipeline's store with the view's crop and flip; see maelab.teachers.store)."""
+
+    mode: Literal["online", "store"] = "online"
+    source: str | None = None  # the store's teacher (teachers.teachers.<name>); needed in store mode
+    store: str | None = None  # the store folder; the pretrain node sets it from the teacher_store dataset
+    head: str | None = None  # the head whose teacher the store replaces; default: the only head with one
+
+
 class DataConfig(_Strict):
     manifest: str = "data/02_intermediate/manifest.parquet"
     sources: list[str] | None = None
@@ -94,6 +105,7 @@ class DataConfig(_Strict):
     decode: Literal["full", "crop"] = "full"
     shards: str | None = None
     regions: RegionsData | None = None
+    teacher: TeacherData | None = None
 
 
 class MaskerRange(BaseModel):

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from maelab.masking import MaskContext, Masker, build_masker
 from maelab.masking.plan import MaskPlan
-from maelab.models.compat import check_compatible
+from maelab.models.compat import IncompatibleRecipeError, check_compatible
 from maelab.models.heads import HEADS, Head, PixelDecoderHead, build_head
+from maelab.models.heads.mimic import store_fed_head
 from maelab.models.vit import ViTEncoder, build_encoder
 
 
@@ -112,6 +113,16 @@ class Pretrainer(nn.Module):
         return head.reconstruct(batch["image"], out.outputs[name], plan.mask)
 
 
+def with_feature_source(heads: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The heads block with ``features: store`` on the head whose teacher ``data.teacher.mode: store``
+    replaces by the teacher-feature store (MR-MAE; the head then reads the batch instead of the teacher)."""
+    teacher = data.get("teacher") or {}
+    if teacher.get("mode", "online") == "online":
+        return heads
+    head = store_fed_head(dict(heads), teacher.get("head"))
+    return {**heads, head: {**heads[head], "features": "store"}}
+
+
 def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretrainer:
     """A Pretrainer from a recipe dict (``encoder``, ``masker``, ``heads``; see parameters_pretrain.yml).
 
@@ -124,6 +135,7 @@ def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretra
     heads_cfg = recipe.get("heads") or {}
     if not heads_cfg:
         raise ValueError(f"recipe {name}: field 'heads' is empty; a variant needs at least one head")
+    heads_cfg = with_feature_source(heads_cfg, recipe.get("data") or {})
     heads, weights = {}, {}
     for hname, cfg in heads_cfg.items():
         cfg = dict(cfg)
@@ -138,4 +150,11 @@ def build_pretrainer(recipe: dict[str, Any], **encoder_overrides: Any) -> Pretra
         weights[hname] = float(cfg.get("weight", 1.0))
     masker = build_masker(recipe["masker"], encoder.grid) if recipe.get("masker") else None
     check_compatible(masker, heads, name)  # a bad combination fails at start, saying why
+    if hasattr(masker, "saliency_head") and any(
+        getattr(h, "features", "") == "store" for h in heads.values()
+    ):
+        raise IncompatibleRecipeError(
+            f"recipe {name}: masker focused ranks patches by the teacher's attention in the step, and stored "
+            "teacher features (data.teacher.mode: store) keep none: use data.teacher.mode online"
+        )
     return Pretrainer(encoder, heads, weights, masker, recipe.get("fusion_layers"))

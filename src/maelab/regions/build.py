@@ -59,10 +59,13 @@ def compute_one(source: RegionSource, row: dict[str, Any]) -> Any:
 def compute_shard(
     source: RegionSource, rows: list[dict[str, Any]], shard_dir: Any, codec: str
 ) -> list[dict[str, Any]]:
-    """Compute, compress and atomically write one shard; return its index rows (not yet committed)."""
+    """Compute, compress and atomically write one shard; return its index rows (not yet committed).
+    A source with ``compute_batch(rows) -> [maps, ...]`` computes the shard's rows in one call (a teacher
+    runs them as one batch); otherwise row by row."""
+    batch = getattr(source, "compute_batch", None)
+    computed = batch(rows) if batch is not None else [compute_one(source, row) for row in rows]
     items = []
-    for row in rows:
-        maps = compute_one(source, row)
+    for row, maps in zip(rows, computed, strict=True):
         blob, dtype = encode(maps, codec)
         items.append((row["image_id"], row.get("content_hash") or "", maps, blob, dtype))
     shard, offsets = write_shard(shard_dir, [i[0] for i in items], [i[3] for i in items])
@@ -121,7 +124,8 @@ def build_source(
                 store.commit(drop=dropped)
         todo = pending(rows, store.index, source.fingerprint)
         chunks = [_records(todo.iloc[i : i + shard_size]) for i in range(0, len(todo), shard_size)]
-        bar = progress_bar(len(todo), f"regions[{source.name}]", "img", enabled=bool(progress and len(todo)))
+        desc = f"{getattr(source, 'store_kind', 'regions')}[{source.name}]"
+        bar = progress_bar(len(todo), desc, "img", enabled=bool(progress and len(todo)))
         try:
             if workers == 0:
                 for chunk in chunks:

@@ -7,7 +7,9 @@ Layout under the catalog path (one folder per region source, e.g. ``fh``, ``pano
     <path>/<source>/shards/<hash>.bin  concatenated compressed records, named by a hash of their content
 
 A record is one image's ``[S, H, W]`` maps (uint16, or int32 past 65535 labels), C order, compressed with
-``codec`` (lzma preset 1 by default: label maps are long runs, ~100x smaller than raw uint16).
+``codec`` (lzma preset 1 by default: label maps are long runs, ~100x smaller than raw uint16). Float arrays
+keep their dtype (the teacher-feature store, ``maelab.teachers.store``, keeps ``[C, h, w]`` float16 features
+in this same layout, uncompressed: codec ``raw``).
 Writes are atomic: a shard is written to a temp file and ``os.replace``d; the index is rewritten the same
 way only after its shards are on disk, so a killed run leaves at worst an unreferenced shard (removed by the
 next run's :meth:`SourceStore.gc`). Reads use ``os.pread`` on shards opened lazily per process and kept in
@@ -54,23 +56,25 @@ INDEX_COLUMNS: dict[str, str] = {
     "num_segments": "string",  # comma-separated max label per layer
 }
 
-CODECS = ("lzma", "zlib")
+CODECS = ("lzma", "zlib", "raw")  # raw: stored as is (float features hardly compress)
 MAX_OPEN_SHARDS = 32  # shard descriptors one store keeps open per process (LRU); ImageNet has ~5,000 shards
 
 
 def encode(maps: np.ndarray, codec: str = "lzma") -> tuple[bytes, np.dtype]:
-    """``[S, H, W]`` labels -> (compressed bytes, stored dtype)."""
-    dtype = storage_dtype(maps)
+    """``[S, H, W]`` labels (or float features, kept in their dtype) -> (compressed bytes, stored dtype)."""
+    dtype = maps.dtype if np.issubdtype(maps.dtype, np.floating) else storage_dtype(maps)
     raw = np.ascontiguousarray(maps, dtype=dtype).tobytes()
     if codec == "lzma":
         return lzma.compress(raw, preset=1), dtype
     if codec == "zlib":
         return zlib.compress(raw, 6), dtype
+    if codec == "raw":
+        return raw, dtype
     raise ValueError(f"regions codec: unknown {codec!r}, expected one of {CODECS}")
 
 
 def decode(blob: bytes, codec: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    raw = lzma.decompress(blob) if codec == "lzma" else zlib.decompress(blob)
+    raw = lzma.decompress(blob) if codec == "lzma" else zlib.decompress(blob) if codec == "zlib" else blob
     return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
 
 
@@ -113,7 +117,9 @@ def make_records(
                 "height": h,
                 "width": w,
                 "scales": ",".join(names),
-                "num_segments": ",".join(str(int(m.max())) if m.size else "0" for m in maps),
+                "num_segments": ""  # float features have no segments
+                if np.issubdtype(dtype, np.floating)
+                else ",".join(str(int(m.max())) if m.size else "0" for m in maps),
             }
         )
     return records

@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     return add_train_arguments(argparse.ArgumentParser(prog="python -m maelab.train", description=__doc__))
 
 
+def catalog_store(entry: str, source: str, env: str | None) -> str:
+    """The folder of ``source`` in the store the catalog's ``entry`` names (region or teacher store)."""
+    from maelab.config import load_config, project_root
+
+    root = Path(load_config("catalog", env)[entry]["path"])
+    return str((root if root.is_absolute() else project_root() / root) / source)
+
+
 def main(argv: list[str] | None = None) -> int:
     return cli(build_parser().parse_args(argv))
 
@@ -59,12 +67,10 @@ def cli(args: argparse.Namespace) -> int:
     recipe = apply_sets(recipe, args.sets)
     regions = recipe.get("data", {}).get("regions")
     if regions and not regions.get("store"):  # outside Kedro: the folder of the catalog's region_store
-        from maelab.config import load_config, project_root
-
-        root = Path(load_config("catalog", args.env)["region_store"]["path"])
-        regions["store"] = str(
-            (root if root.is_absolute() else project_root() / root) / regions.get("source", "fh")
-        )
+        regions["store"] = catalog_store("region_store", regions.get("source", "fh"), args.env)
+    teacher = recipe.get("data", {}).get("teacher") or {}
+    if teacher.get("mode") == "store" and not teacher.get("store"):  # the catalog's teacher_store
+        teacher["store"] = catalog_store("teacher_store", str(teacher.get("source")), args.env)
     check_recipe(recipe)  # a misspelt --set key or an out-of-range value stops here, naming it
     if str(recipe["train"].get("init_from") or "").startswith("models:/"):
         from maelab.orchestration.registry import resolve_init_from  # a registry URI -> the state file

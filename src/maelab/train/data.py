@@ -56,7 +56,7 @@ def manifest_rows(manifest: pd.DataFrame, data_cfg: dict[str, Any], where: str =
     return select_rows(manifest, sources, splits, where=where, fields=("data.sources", "data.splits"))
 
 
-ExtraFactory = Callable[[dict[str, Any], dict[str, Any]], SampleExtra]
+ExtraFactory = Callable[[dict[str, Any], dict[str, Any]], SampleExtra | None]
 
 # The recipe's ``data`` block picks sample extras by key: ``data.<key>: {params}`` ->
 # ``factory(params, recipe)`` (the whole recipe, for what the extra must agree with: a head's mask ratio).
@@ -92,10 +92,26 @@ def region_extra(params: dict[str, Any], recipe: dict[str, Any]) -> SampleExtra:
     return RegionExtra.from_params(params, heads=recipe.get("heads"))
 
 
+@register_extra("teacher")
+def teacher_extra(params: dict[str, Any], recipe: dict[str, Any]) -> SampleExtra | None:
+    """MR-MAE's teacher features: ``data.teacher: {mode: store, source, store}`` ->
+    :class:`~maelab.teachers.store.TeacherExtra`, the stored dense map of the image resampled with the view's
+    crop and flip to the student's patch grid, as ``sample["teacher/<head>"]``; the mimic head then reads it
+    instead of running the teacher. ``mode: online`` (the default) adds nothing: the teacher runs in the
+    step."""
+    if params.get("mode", "online") == "online":
+        return None
+    from maelab.teachers.store import extra_from_params
+
+    return extra_from_params(params, recipe)
+
+
 def recipe_extras(recipe: dict[str, Any]) -> list[SampleExtra]:
-    """The sample extras the recipe's ``data`` block asks for, one per registered key that is set."""
+    """The sample extras the recipe's ``data`` block asks for, one per registered key that is set (a
+    factory may return None: nothing to add for these settings)."""
     data_cfg = recipe.get("data", {})
-    return [factory(data_cfg[key], recipe) for key, factory in SAMPLE_EXTRAS.items() if data_cfg.get(key)]
+    made = [factory(data_cfg[key], recipe) for key, factory in SAMPLE_EXTRAS.items() if data_cfg.get(key)]
+    return [extra for extra in made if extra is not None]
 
 
 class PretrainDataset(Dataset):

@@ -27,6 +27,11 @@ registered sub-module: it stays out of the state dict, the checkpoints and the o
 input's device on first use. The focused masker (``maelab.masking.focused``) asks this head for the
 teacher's CLS attention in the same step; the teacher then runs once and this head reuses its features.
 
+Stored features. ``features: store`` (set by ``build_pretrainer`` for the head a recipe's
+``data.teacher.mode: store`` names) reads the teacher's features from the batch, ``batch["teacher/<head>"]``
+``[B, L, C]`` on the student's grid (the teacher-feature store resampled with the view, see
+``maelab.teachers.store``), so no teacher forward runs in the step; the teacher is still built for its width.
+
 ``target: decoder`` is Table 3's "conflict" row (Fig. 1b): the high-level target is applied after the
 decoder instead, to the masked tokens; see :class:`DecoderMimicHead`.
 """
@@ -46,6 +51,28 @@ from maelab.models.vit import EncoderSpec, gather_tokens, init_linear_norm
 
 TARGET_NORMS = ("none", "layernorm", "l2")
 REDUCTIONS = ("mean", "sum")
+FEATURE_MODES = ("online", "store")
+
+
+def stored_features_key(head: str) -> str:
+    """The batch entry holding head ``head``'s stored teacher features ``[B, L, C]``."""
+    return f"teacher/{head}"
+
+
+def store_fed_head(heads: dict[str, Any], head: str | None = None) -> str:
+    """The recipe head (``heads`` block) whose teacher the store replaces: ``head``, or the only one with a
+    ``teacher``."""
+    named = sorted(n for n, h in heads.items() if isinstance(h, dict) and isinstance(h.get("teacher"), dict))
+    if head is not None:
+        if head not in named:
+            raise ValueError(f"data.teacher.head {head!r}: not a head with a teacher (have {named})")
+        return head
+    if len(named) != 1:
+        raise ValueError(
+            f"data.teacher: the recipe has {len(named)} heads with a teacher ({named}); name the one the "
+            "store feeds with data.teacher.head"
+        )
+    return named[0]
 
 
 def normalize_targets(target: Tensor, kind: str) -> Tensor:
@@ -80,6 +107,30 @@ class TeacherMixin:
         if reduction not in REDUCTIONS:
             raise ValueError(f"heads.{name}.reduction {reduction!r}: choose one of {REDUCTIONS}")
         self.target_norm, self.reduction = target_norm, reduction
+
+    def init_features(self, name: str, features: str) -> None:
+        """Where the teacher's features come from: ``online`` (run here) or ``store`` (the batch)."""
+        if features not in FEATURE_MODES:
+            raise ValueError(f"heads.{name}.features {features!r}: choose one of {FEATURE_MODES}")
+        self.features, self.store_key = features, stored_features_key(name)
+
+    def dense_targets(self, batch: dict[str, Any]) -> Tensor:
+        """[B, L, C] this step's teacher features of the full view on the student's grid: the batch's stored
+        features (``features: store``) or the teacher run now."""
+        if self.features == "online":
+            return self.teacher_features(batch["image"])
+        if self.store_key not in batch:
+            raise ValueError(
+                f"{self.store_key}: not in the batch, but this head reads stored teacher features "
+                "(data.teacher.mode: store); the teacher sample extra adds it"
+            )
+        return batch[self.store_key].float()
+
+    def example_batch(self, batch_size: int) -> dict[str, Tensor]:
+        if self.features == "online":
+            return {}
+        n = self.spec.grid[0] * self.spec.grid[1]
+        return {self.store_key: torch.zeros(batch_size, n, int(self.teacher.embed_dim))}
 
     def init_teacher(self, teacher: dict[str, Any] | nn.Module, where: str, fused_attn: bool = True) -> None:
         if isinstance(teacher, nn.Module):
@@ -123,6 +174,11 @@ class TeacherMixin:
 
     def teacher_saliency(self, image: Tensor, layer: int) -> Tensor:
         """[B, L] the teacher's CLS attention of block ``layer`` on the student's grid (§3.3)."""
+        if self.features == "store":
+            raise ValueError(
+                "focused mimicking ranks patches by the teacher's attention in the step; stored teacher "
+                "features (data.teacher.mode: store) keep no attention: use mode online"
+            )
         return self.teacher_dense(image, layer)[1]
 
 
@@ -137,16 +193,18 @@ class MimicHead(TeacherMixin, Head):
         reduction: str = "mean",
         name: str = "mimic",
         fused_attn: bool = True,
+        features: str = "online",
     ) -> None:
         super().__init__(spec)
         self.init_target(name, target_norm, reduction)
+        self.init_features(name, features)
         self.init_teacher(teacher, f"heads.{name}.teacher", fused_attn)
         self.proj = nn.Linear(spec.embed_dim, int(self.teacher.embed_dim))  # L in Eq. 2
         self.apply(init_linear_norm)
 
-    def targets(self, image: Tensor, plan: MaskPlan) -> Tensor:
+    def targets(self, batch: dict[str, Any], plan: MaskPlan) -> Tensor:
         """F_v: [B, L_keep, C] normalised teacher features at the visible positions."""
-        dense = self.teacher_features(image)  # [B, L, C], full unmasked image
+        dense = self.dense_targets(batch)  # [B, L, C], full unmasked image
         return normalize_targets(gather_tokens(dense, plan.ids_keep), self.target_norm)
 
     def forward(
@@ -154,7 +212,7 @@ class MimicHead(TeacherMixin, Head):
     ) -> tuple[Tensor, Tensor]:
         pred = self.proj(latent[:, 1:])  # [B, L_keep, C]: the visible tokens, CLS dropped
         with torch.autocast(pred.device.type, enabled=False):
-            loss = mimic_loss(pred, self.targets(batch["image"], plan), self.reduction)
+            loss = mimic_loss(pred, self.targets(batch, plan), self.reduction)
         return loss, pred
 
 
@@ -173,10 +231,12 @@ class DecoderMimicHead(TeacherMixin, PixelDecoderHead):
         feature_weight: float = 0.5,
         name: str = "decoder_mimic",
         fused_attn: bool = True,
+        features: str = "online",
         **decoder: Any,
     ) -> None:
         super().__init__(spec, fused_attn=fused_attn, **decoder)
         self.init_target(name, target_norm, reduction)
+        self.init_features(name, features)
         self.pixel_weight, self.feature_weight = float(pixel_weight), float(feature_weight)
         self.init_teacher(teacher, f"heads.{name}.teacher", fused_attn)
         width = self.decoder_pred.in_features
@@ -194,7 +254,7 @@ class DecoderMimicHead(TeacherMixin, PixelDecoderHead):
         feat = self.decoder_feat_pred(tokens)  # [B, L, C_teacher]
         with torch.autocast(pred.device.type, enabled=False):
             l_r = masked_mse(pred.float(), self.target(batch["image"]), plan.mask)
-            target = normalize_targets(self.teacher_features(batch["image"]), self.target_norm)
+            target = normalize_targets(self.dense_targets(batch), self.target_norm)
             l_f = mimic_loss(feat, target, self.reduction, mask=plan.mask)
             loss = self.pixel_weight * l_r + self.feature_weight * l_f
         return loss, pred

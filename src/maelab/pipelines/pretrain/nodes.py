@@ -138,11 +138,33 @@ def export_model(checkpoint: str | Path) -> tuple[Path, dict[str, list[float]]]:
     return path, state["history"]
 
 
+def with_teacher_store(recipe: dict[str, Any], teacher_store: RegionStore | None) -> dict[str, Any]:
+    """The recipe with ``data.teacher.store`` set to its teacher's folder in the ``teacher_store`` dataset
+    (``data.teacher.mode: store``; online recipes are returned unchanged)."""
+    teacher = recipe.get("data", {}).get("teacher") or {}
+    if teacher.get("mode") != "store":
+        return recipe
+    if teacher_store is None:
+        raise ValueError(
+            f"recipe {recipe.get('name')!r} reads stored teacher features (data.teacher.mode: store) but its "
+            "pipeline has no teacher_store input"
+        )
+    if not teacher.get("source"):
+        raise ValueError(
+            f"recipe {recipe.get('name')!r}: data.teacher.source (the stored teacher, a key of "
+            "teachers.teachers) is needed in store mode"
+        )
+    recipe = copy.deepcopy(recipe)
+    recipe["data"]["teacher"]["store"] = str(teacher_store[teacher["source"]].path)
+    return recipe
+
+
 def pretrain(
     manifest: pd.DataFrame,
     recipe: dict[str, Any],
     run_env: str | None,
     region_store: RegionStore | None = None,
+    teacher_store: RegionStore | None = None,
     *,
     register_encoder: bool = True,
 ) -> tuple[dict[str, Any], str, str, pd.DataFrame]:
@@ -150,6 +172,7 @@ def pretrain(
 
     run_env: the Kedro env of this run (MLflow settings come from ``conf/<env>/mlflow.yml``).
     region_store: the store R-MAE's region branch reads (the ``regions`` pipeline writes it).
+    teacher_store: the store MR-MAE's mimic head reads in store mode (the ``teachers`` pipeline writes it).
     register_encoder: register the encoder in the MLflow registry (``compare`` does not: its short runs
     are no candidates).
     """
@@ -157,7 +180,8 @@ def pretrain(
     from maelab.orchestration.teachers import resolve_teacher_weights  # MR-MAE: models:/ URIs -> files
     from maelab.train.engine import train
 
-    recipe = resolve_teacher_weights(with_region_store(recipe, region_store), run_env)
+    recipe = with_teacher_store(with_region_store(recipe, region_store), teacher_store)
+    recipe = resolve_teacher_weights(recipe, run_env)
     recipe = resolve_init_from(recipe, run_env)
     devices = resolve_devices(recipe["train"].get("devices"))
     if devices > 1:

@@ -1,7 +1,7 @@
 """``pretrain_<recipe>``: one pipeline per recipe in ``parameters_pretrain.yml`` (made by the registry).
 
     params:recipes + params:recipe_defaults -> resolve_recipe -> pretrain_<recipe>_recipe
-    manifest + pretrain_<recipe>_recipe + run_env [+ region_store] -> train
+    manifest + pretrain_<recipe>_recipe + run_env [+ region_store] [+ teacher_store] -> train
         -> pretrain_<recipe>_report, pretrain_<recipe>_encoder, pretrain_<recipe>_checkpoint,
            pretrain_<recipe>_losses
 
@@ -18,12 +18,17 @@ from kedro.pipeline import Pipeline, node
 from maelab.pipelines.pretrain import nodes
 
 
-def create_pipeline(recipe: str, uses_regions: bool = False, **kwargs) -> Pipeline:
-    """The pipeline that trains ``recipe``; ``uses_regions``: the recipe reads the region store (R-MAE)."""
+def create_pipeline(
+    recipe: str, uses_regions: bool = False, uses_teacher_store: bool = False, **kwargs
+) -> Pipeline:
+    """The pipeline that trains ``recipe``; ``uses_regions``: the recipe reads the region store (R-MAE);
+    ``uses_teacher_store``: it reads stored teacher features (MR-MAE, ``data.teacher.mode: store``)."""
     resolve = update_wrapper(partial(nodes.resolve, recipe_name=recipe), nodes.resolve)
     inputs = {"manifest": "manifest", "recipe": f"pretrain_{recipe}_recipe", "run_env": "run_env"}
     if uses_regions:
         inputs["region_store"] = "region_store"
+    if uses_teacher_store:
+        inputs["teacher_store"] = "teacher_store"
     return Pipeline(
         [
             node(
