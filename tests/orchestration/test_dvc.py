@@ -90,7 +90,8 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
     (root / "conf" / "local").mkdir()
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())["kedro"]
-    assert set(spec["stages"]) == {"ingest", "regions", "pretrain", "transfer", "report", "interactive"}
+    stages = {"ingest", "regions", "pretrain", "transfer", "report", "interactive", "teachers"}
+    assert set(spec["stages"]) == stages
 
     def placeholder(path: str) -> None:
         path = path.replace("${kedro.env}", params["env"])
@@ -119,6 +120,7 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
     assert order[0] < order[1] < min(order[2:4]) and max(order[2:4]) < order[4] < order[5]
     assert order[3] < order[6]  # interactive segmentation reads the R-MAE checkpoint
     assert f"kedro run --pipelines=pretrain_rmae --env={params['env']}" in out
+    assert order[2] < out.index("Running stage 'teachers'")  # the teacher is the MAE encoder
 
 
 @pytest.mark.parametrize("section", ["core", "remote"])
