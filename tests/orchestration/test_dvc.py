@@ -92,9 +92,8 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
     (root / "conf" / "local").mkdir()
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())["kedro"]
-    assert {"config", "ingest", "regions", "pretrain", "transfer", "report", "interactive"} <= set(
-        spec["stages"]
-    )
+    stage_names = {"config", "ingest", "regions", "teachers", "pretrain", "transfer", "report", "interactive"}
+    assert stage_names <= set(spec["stages"])
     resolved = root / "data" / "02_intermediate" / "parameters_resolved.yml"  # what the config stage writes
     resolved.parent.mkdir(parents=True)
     resolved.write_text(yaml.safe_dump(load_config("parameters", params["env"], REPO / "conf")))
@@ -135,6 +134,7 @@ def test_project_dvc_yaml_lists_every_stage(tmp_path: Path):
     assert order[0] < order[1] < order[2] < min(order[3:5]) and max(order[3:5]) < order[5] < order[6]
     assert order[4] < order[7]  # interactive segmentation reads the R-MAE model
     assert f"kedro run --pipelines=pretrain_rmae --env={params['env']}" in out
+    assert order[3] < out.index("Running stage 'teachers'")  # the teacher is the MAE encoder
 
 
 @pytest.mark.parametrize("section", ["core", "remote"])
