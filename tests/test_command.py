@@ -90,3 +90,29 @@ def test_maelab_train_set_typo_is_named(tmp_path: Path) -> None:
     cmd += ["--out-dir", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "train.stepz" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_maelab_train_resolves_a_registry_init_from_and_the_engine_cli_refuses_one(monkeypatch):
+    import argparse
+
+    import maelab.orchestration.registry as registry
+    import maelab.train.__main__ as train_main
+    from maelab.command import train_cli
+
+    seen = {}
+    monkeypatch.setattr(
+        registry,
+        "resolve_init_from",
+        lambda recipe, env=None: {"train": {**recipe["train"], "init_from": "/states/state.pt"}},
+    )
+    monkeypatch.setattr(train_main, "cli", lambda args: seen.setdefault("sets", args.sets) and 0)
+    args = argparse.Namespace(env=None, sets=["train.steps=3", "train.init_from=models:/m@champion"])
+    train_cli(args)
+    assert seen["sets"] == [
+        "train.steps=3",
+        "train.init_from=/states/state.pt",
+        "train.init_from_uri=models:/m@champion",
+    ]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="maelab train"):  # the engine's own CLI reads files only
+        train_main.main(["--recipe", "mae", "--set", "train.init_from=models:/m@champion", "--no-mlflow"])

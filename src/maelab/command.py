@@ -13,9 +13,11 @@ import importlib
 import os
 import sys
 
+from maelab.train.options import ENV_HELP, add_train_arguments
+
 # subcommand -> "module:function"; the function takes the parsed argparse.Namespace and returns an exit code
 HANDLERS = {
-    "train": "maelab.train.__main__:cli",
+    "train": "maelab.command:train_cli",
     "config": "maelab.config:cli",
     "flops": "maelab.analysis.flops:cli",
     "bench train": "maelab.analysis.bench:train_cli",
@@ -29,7 +31,6 @@ HANDLERS = {
     "serve": "maelab.serve.app:cli",
     "analyze relations": "maelab.analysis.relations:relations_cli",
 }
-ENV_HELP = "Kedro config env over conf/base (imagenet, coco, ade20k, benchmark); default: conf/local only"
 JSON_HELP = "print one JSON object instead of a table"
 
 
@@ -40,39 +41,6 @@ def _quiet_env() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }.items():
         os.environ.setdefault(key, value)
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``maelab train`` (also ``python -m maelab.train``, which torchrun launches)."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--recipe", help="recipe name in conf/*/parameters_pretrain.yml (e.g. mae, rmae)")
-    src.add_argument(
-        "--recipe-file", help="a resolved recipe as JSON (what the Kedro node passes to torchrun)"
-    )
-    p.add_argument("--env", default=None, help=ENV_HELP)
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one recipe value, OmegaConf dotlist syntax (train.steps=10, masker.ratio=0.6); "
-        "repeatable; an unknown key stops before any work",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/<recipe>/checkpoint.pt")
-    p.add_argument("--manifest", default=None, help="manifest parquet (default: the recipe's data.manifest)")
-    p.add_argument("--out-dir", default=None, help="folder for checkpoint.pt and encoder.safetensors")
-    p.add_argument(
-        "--stop-after", type=int, default=None, help="stop after this global step (keeps the LR schedule)"
-    )
-    p.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
-    p.add_argument(
-        "--pictures",
-        default=None,
-        metavar="MODULE:FUNCTION",
-        help="pictures to log, e.g. maelab.analysis.viz:training_pictures",
-    )
-    return p
 
 
 def _sub(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
@@ -230,6 +198,26 @@ def completion_cli(args: argparse.Namespace) -> int:
 
     print(shtab.complete(build_parser(), shell=args.shell))
     return 0
+
+
+def train_cli(args: argparse.Namespace) -> int:
+    """``maelab train``: ``python -m maelab.train``'s CLI, after resolving ``--set
+    train.init_from=models:/NAME@ALIAS`` to the registered full-state file (the engine reads files only)."""
+    from maelab.train.__main__ import cli
+
+    sets = []
+    for edit in args.sets:
+        key, _, value = edit.partition("=")
+        if key.strip() == "train.init_from" and value.strip().startswith("models:/"):
+            from maelab.orchestration.registry import resolve_init_from
+
+            uri = value.strip()
+            train = resolve_init_from({"train": {"init_from": uri}}, args.env)["train"]
+            sets += [f"train.init_from={train['init_from']}", f"train.init_from_uri={uri}"]
+        else:
+            sets.append(edit)
+    args.sets = sets
+    return cli(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """``maelab train`` (or ``python -m maelab.train``) ``--recipe NAME [--env ENV] [--set K=V] [--resume]``.
 
 Runs alone or under ``torchrun --nproc_per_node=N -m maelab.train`` (also multi-node with
-``--rdzv-backend=c10d``). The options are ``maelab.command.add_train_arguments``.
+``--rdzv-backend=c10d``). The options are ``maelab.train.options.add_train_arguments``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from maelab.config import load_recipe, mlflow_settings
 from maelab.recipes import apply_dotlist
 from maelab.schema import check_recipe
+from maelab.train.options import add_train_arguments
 
 
 def apply_sets(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -37,8 +38,6 @@ def load_function(spec: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maelab.command import add_train_arguments
-
     return add_train_arguments(argparse.ArgumentParser(prog="python -m maelab.train", description=__doc__))
 
 
@@ -72,10 +71,12 @@ def cli(args: argparse.Namespace) -> int:
     if teacher.get("mode") == "store" and not teacher.get("store"):  # the catalog's teacher_store
         teacher["store"] = catalog_store("teacher_store", str(teacher.get("source")), args.env)
     check_recipe(recipe)  # a misspelt --set key or an out-of-range value stops here, naming it
-    if str(recipe["train"].get("init_from") or "").startswith("models:/"):
-        from maelab.orchestration.registry import resolve_init_from  # a registry URI -> the state file
-
-        recipe = resolve_init_from(recipe, args.env)
+    init_from = str(recipe["train"].get("init_from") or "")
+    if init_from.startswith("models:/"):  # the engine reads files; the registry lives a layer above
+        raise SystemExit(
+            f"train.init_from={init_from}: a registry URI; run `maelab train` (it resolves the URI to the "
+            "registered full-state file) or give that file's path"
+        )
 
     from maelab.train import distributed
     from maelab.train.data import read_manifest
