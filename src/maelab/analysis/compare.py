@@ -157,18 +157,9 @@ def log_to_mlflow(table: dict[str, Any], table_md: str, fig) -> str | None:
     """Every number and the artifacts in one MLflow run named ``compare``; returns its run id."""
     import mlflow
 
-    from maelab.mlflow_http import bounded_http
-    from maelab.orchestration.registry import tracking_uri
+    from maelab.analysis.report import use_project_experiment
 
-    bounded_http()
-    mlflow.set_tracking_uri(tracking_uri())
-    try:
-        from maelab.config import load_config
-
-        experiment = load_config("mlflow").get("experiment", "maelab")
-    except Exception:
-        experiment = "maelab"
-    mlflow.set_experiment(experiment)
+    use_project_experiment()
     with mlflow.start_run(run_name="compare") as run:
         for row in table["rows"]:
             mlflow.log_metrics(

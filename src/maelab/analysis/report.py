@@ -124,16 +124,12 @@ def plot_vs_gmacs(rows: list[dict[str, Any]], columns: list[str]):
     return fig
 
 
-def log_to_mlflow(
-    report: dict[str, Any], table_md: str, fig, results: dict[str, dict[str, Any]]
-) -> str | None:
-    """Log every number and the artifacts to one MLflow run (``report-<date>-<hex>``), and each encoder's
-    numbers to a child run of it named after the encoder; returns the report run's id."""
+def use_project_experiment() -> None:
+    """Point MLflow at the project's tracking store (bounded HTTP) and experiment (``conf/*/mlflow.yml``)."""
     import mlflow
 
     from maelab.mlflow_http import bounded_http
     from maelab.orchestration.registry import tracking_uri
-    from maelab.train.tracking import flatten, unique_run_name
 
     bounded_http()
     mlflow.set_tracking_uri(tracking_uri())
@@ -144,6 +140,18 @@ def log_to_mlflow(
     except Exception:
         experiment = "maelab"
     mlflow.set_experiment(experiment)
+
+
+def log_to_mlflow(
+    report: dict[str, Any], table_md: str, fig, results: dict[str, dict[str, Any]]
+) -> str | None:
+    """Log every number and the artifacts to one MLflow run (``report-<date>-<hex>``), and each encoder's
+    numbers to a child run of it named after the encoder; returns the report run's id."""
+    import mlflow
+
+    from maelab.train.tracking import flatten, unique_run_name
+
+    use_project_experiment()
     with mlflow.start_run(run_name=unique_run_name("report"), tags={"maelab.kind": "report"}) as run:
         for row in report["rows"]:
             log_encoder_run(row, results.get(row["recipe"], {}), flatten)
