@@ -165,12 +165,9 @@ def write_images(root: Path, n: int = 12, size: tuple[int, int] = (40, 48), seed
     return conform(pd.DataFrame(rows))
 
 
-def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe: dict, out: str) -> None:
-    """One rank of a gloo DDP run (``torch.multiprocessing.spawn`` target)."""
+def join_gloo_rank(rank: int, world: int, port: int) -> None:
+    """The torchrun environment of ``rank`` of ``world`` on 127.0.0.1:``port``, one thread per rank."""
     import os
-
-    from maelab.train import distributed
-    from maelab.train.engine import train
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -180,6 +177,14 @@ def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe:
         WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
+
+
+def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe: dict, out: str) -> None:
+    """One rank of a gloo DDP run (``torch.multiprocessing.spawn`` target)."""
+    from maelab.train import distributed
+    from maelab.train.engine import train
+
+    join_gloo_rank(rank, world, port)
     try:
         train(
             recipe,
@@ -204,20 +209,11 @@ def real_worker(
     stop_after: int | None = None,
 ) -> None:
     """One rank of a gloo run of the real (tiny) ViT pretrainer, any ``train.strategy``."""
-    import os
-
     from maelab.models import build_pretrainer as build_real
     from maelab.train import distributed
     from maelab.train.engine import train
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+    join_gloo_rank(rank, world, port)
     try:
         train(
             recipe,

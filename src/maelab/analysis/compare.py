@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from maelab.analysis.report import COLUMN_TITLES, build_rows
+from maelab.analysis.report import COLUMN_TITLES, build_rows, render_table
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +101,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     metrics = [c for c in columns if c != "recipe" and c not in COST_COLUMNS]
     best = {c: max(r[c] for r in rows if r.get(c) is not None) for c in metrics}
 
-    def cell(c: str, r: dict[str, Any]) -> str:
-        v = r.get(c)
-        if v is None:
-            return "—"
-        if c == "recipe":
-            return str(v)
-        text = FORMATS.get(c, "{:.1f}").format(v)
-        if c in best and v == best[c] and len(rows) > 1:
-            text = f"**{text}**"
-        return f"{text} ± {r[c + '_std']:.1f}" if r.get(f"{c}_std") is not None else text
-
-    head = "| " + " | ".join(TITLES.get(c, c) for c in columns) + " |"
-    rule = "|" + "|".join(":---" if c == "recipe" else "---:" for c in columns) + "|"
-    body = ["| " + " | ".join(cell(c, r) for c in columns) + " |" for r in rows]
-    return "\n".join([head, rule, *body]) + "\n"
+    return render_table(rows, columns, best, TITLES, FORMATS)
 
 
 def plot_vs_cost(rows: list[dict[str, Any]], metric: str):

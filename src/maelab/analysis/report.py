@@ -85,17 +85,30 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         values = [r[c] for r in rows if r.get(c) is not None and r["recipe"] != REFERENCE]
         best[c] = max(values) if values else None
 
+    return render_table(rows, columns, best, COLUMN_TITLES, {"gmacs": "{:.3g}"})
+
+
+def render_table(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    best: dict[str, Any],
+    titles: dict[str, str],
+    formats: dict[str, str],
+) -> str:
+    """GitHub Markdown of ``rows``: missing values as an em dash, ``best[c]`` in bold, ``mean ± std`` where a
+    row has ``<c>_std``; numbers as ``formats[c]`` (default one decimal)."""
+
     def cell(c: str, r: dict[str, Any]) -> str:
         v = r.get(c)
         if v is None:
             return "—"
         if c == "recipe":
             return str(v)
-        text = f"{v:.1f}" if c != "gmacs" else f"{v:.3g}"
+        text = formats.get(c, "{:.1f}").format(v)
         text = f"**{text}**" if c in best and v == best[c] and len(rows) > 1 else text
         return f"{text} ± {r[c + '_std']:.1f}" if r.get(f"{c}_std") is not None else text
 
-    head = "| " + " | ".join(COLUMN_TITLES.get(c, c) for c in columns) + " |"
+    head = "| " + " | ".join(titles.get(c, c) for c in columns) + " |"
     rule = "|" + "|".join(":---" if c == "recipe" else "---:" for c in columns) + "|"
     body = ["| " + " | ".join(cell(c, r) for c in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body]) + "\n"
