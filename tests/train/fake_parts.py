@@ -179,23 +179,23 @@ def join_gloo_rank(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe: dict, out: str) -> None:
-    """One rank of a gloo DDP run (``torch.multiprocessing.spawn`` target)."""
+def train_rank(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe: dict, out: str,
+               build_model: Any, **train_kwargs: Any) -> None:  # fmt: skip
+    """One rank of a gloo run of ``build_model``'s pretrainer; ``train_kwargs`` go to ``engine.train``."""
     from maelab.train import distributed
     from maelab.train.engine import train
 
     join_gloo_rank(rank, world, port)
     try:
-        train(
-            recipe,
-            manifest,
-            out_dir=out,
-            mlflow={"enabled": False},
-            build_model=build_pretrainer,
-            progress=False,
-        )
+        train(recipe, manifest, out_dir=out, mlflow={"enabled": False}, build_model=build_model,
+              progress=False, **train_kwargs)  # fmt: skip
     finally:
         distributed.cleanup()
+
+
+def ddp_worker(rank: int, world: int, port: int, manifest: pd.DataFrame, recipe: dict, out: str) -> None:
+    """One rank of a gloo DDP run of the fake pretrainer (``torch.multiprocessing.spawn`` target)."""
+    train_rank(rank, world, port, manifest, recipe, out, build_pretrainer)
 
 
 def real_worker(
@@ -210,20 +210,5 @@ def real_worker(
 ) -> None:
     """One rank of a gloo run of the real (tiny) ViT pretrainer, any ``train.strategy``."""
     from maelab.models import build_pretrainer as build_real
-    from maelab.train import distributed
-    from maelab.train.engine import train
 
-    join_gloo_rank(rank, world, port)
-    try:
-        train(
-            recipe,
-            manifest,
-            out_dir=out,
-            resume=resume,
-            stop_after=stop_after,
-            mlflow={"enabled": False},
-            build_model=build_real,
-            progress=False,
-        )
-    finally:
-        distributed.cleanup()
+    train_rank(rank, world, port, manifest, recipe, out, build_real, resume=resume, stop_after=stop_after)
