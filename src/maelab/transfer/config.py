@@ -291,11 +291,11 @@ class SupervisedReferenceConfig(TaskConfig):
     TASK: ClassVar[str] = "supervised_reference"
 
     widths: tuple[int, ...] = (16, 32, 64, 64)  # channels per stage; 2x2 max-pooling between stages
-    steps: int = 1200
-    warmup_steps: int = 60
+    steps: int = 2000
+    warmup_steps: int = 100
     batch_size: int = 32
     optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.9)
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.05
     crop_scale: tuple[float, float] = (0.5, 1.0)
     seeds: tuple[int, ...] = (0,)
