@@ -67,13 +67,15 @@ def test_make_report_without_mlflow():
 def test_seed_spread_becomes_a_std_column_and_mean_pm_std_in_the_table():
     results = {
         "mae": {"tasks": {"linear_probe": {"top1": 30.0, "top1_std": 1.25}, "finetune": {"top1": 40.0}}},
+        "rmae": {"tasks": {"linear_probe": {"top1": 20.0, "top1_std": 0.03}}},
         "supervised_reference": {"tasks": {"finetune": {"top1": 70.0, "top1_std": 0.5}}},
     }
     rows = build_rows(results, METRICS, {})
     assert rows[0]["linear_top1"] == 30.0 and rows[0]["linear_top1_std"] == 1.25
     assert "finetune_top1_std" not in rows[0]  # one seed: no spread is reported
-    assert rows[1]["recipe"] == "supervised_reference" and rows[1]["finetune_top1"] == 70.0
-    assert rows[1]["finetune_top1_std"] == 0.5 and rows[1]["linear_top1"] is None
+    assert rows[2]["recipe"] == "supervised_reference" and rows[2]["finetune_top1"] == 70.0
+    assert rows[2]["finetune_top1_std"] == 0.5 and rows[2]["linear_top1"] is None
     md = markdown_table(rows)
     assert "_std" not in md and "**30.0** ± 1.2" in md
     assert "| 70.0 ± 0.5 |" in md  # the reference is never the column's best: it is not an encoder
+    assert "| 20.0 ± 0.03 |" in md  # a small spread keeps two decimals: "± 0.0" would read as none

@@ -62,11 +62,20 @@ def test_transfer_in_memory(scenes, run_memory) -> None:
     }
     out = run_memory(pipe, {"manifest": manifest, "coco_annotations": annotations}, params)
     tasks = out["transfer_tiny_metrics"]["tasks"]
-    assert list(tasks) == ["linear_probe", "knn_probe", "seg_probe", "finetune", "detection", "segmentation"]
+    assert list(tasks) == [
+        "linear_probe",
+        "knn_probe",
+        "seg_probe",
+        "fg_probe",
+        "finetune",
+        "detection",
+        "segmentation",
+    ]
     assert all(t["status"] == "ok" for t in tasks.values())
     assert 0 <= tasks["linear_probe"]["top1"] <= 100 and 0 <= tasks["detection"]["mask_ap"] <= 100
     assert tasks["segmentation"]["num_classes"] == 11  # 10 shapes + background, from the annotations
     assert tasks["seg_probe"]["num_classes"] == 11 and 0 <= tasks["seg_probe"]["miou"] <= 100
+    assert tasks["fg_probe"]["num_classes"] == 2 and 0 <= tasks["fg_probe"]["miou"] <= 100
     assert "top1_std" not in tasks["knn_probe"] and tasks["knn_probe"]["seeds"] == [0]  # one seed: no spread
     assert tasks["finetune"]["encoder"] == str(enc)
     reference = out["transfer_supervised_reference_metrics"]["tasks"]
@@ -104,6 +113,7 @@ def test_a_switched_off_task_has_no_node_and_reports_disabled(scenes) -> None:
         "transfer.tiny.linear_probe",
         "transfer.tiny.knn_probe",
         "transfer.tiny.seg_probe",
+        "transfer.tiny.fg_probe",
         "transfer.tiny.finetune",
         "transfer.tiny.segmentation",
         "transfer.tiny.collect",

@@ -20,6 +20,7 @@ MICRO_TASKS = {
     "linear_probe": {"img_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8, "seeds": [0]},
     "knn_probe": {"img_size": 32, "k": 3, "seeds": [0]},
     "seg_probe": {"img_size": 32, "epochs": 1, "batch_size": 4, "seeds": [0]},
+    "fg_probe": {"img_size": 32, "epochs": 1, "batch_size": 4, "seeds": [0]},
     "supervised_reference": {**SMALL_TASK, "widths": [8, 8], "seeds": [0]},
     "finetune": SMALL_TASK,
     "detection": {

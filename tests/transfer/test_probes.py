@@ -5,9 +5,11 @@ import pytest
 import torch
 import yaml
 
-from maelab.transfer.config import task_config
+from maelab.transfer.config import ConfigError, task_config
+from maelab.transfer.data import IGNORE_INDEX
 from maelab.transfer.probes import (
     LinearSegHead,
+    foreground_masks,
     knn_classify,
     over_seeds,
     run_knn_probe,
@@ -71,6 +73,19 @@ def test_linear_seg_head_is_per_token_linear():
     assert changed[:, 0, 0].all() and not changed[:, 1:, :].any() and not changed[:, 0, 1:].any()
 
 
+def test_foreground_masks_merge_every_class_and_keep_ignored_pixels():
+    masks = torch.tensor([[[0, 3, 10], [IGNORE_INDEX, 1, 0]]])
+    assert foreground_masks(masks).tolist() == [[[0, 1, 1], [IGNORE_INDEX, 1, 0]]]
+
+
+def test_fg_probe_is_two_classes_and_refuses_another_count():
+    assert task_config("fg_probe", {}).data.num_classes is None  # resolved to 2 by the probe
+    with pytest.raises(ConfigError, match=r"fg_probe.data.num_classes: foreground / background is 2 classes"):
+        task_config("fg_probe", {"tasks": {"fg_probe": {"data": {"num_classes": 11}}}})
+    with pytest.raises(ConfigError, match=r"fg_probe.data.reduce_zero_label: label 0 is the background"):
+        task_config("fg_probe", {"tasks": {"fg_probe": {"data": {"reduce_zero_label": True}}}})
+
+
 def _pretrain(tmp_path: Path, manifest, name: str, **train) -> Path:
     """A tiny MAE pre-training through the real engine; returns its encoder file."""
     from maelab.config import resolve_recipe
@@ -112,6 +127,7 @@ def test_a_broken_pretraining_scores_like_random_init(tmp_path, monkeypatch):
         "linear_probe": (run_linear_probe, "top1", {"pool": "mean", "epochs": 10, "warmup_epochs": 1}),
         "knn_probe": (run_knn_probe, "top1", {"pool": "mean", "k": 5, "standardize": True}),
         "seg_probe": (run_seg_probe, "miou", {"epochs": 5, "batch_size": 16, "lr": 1e-2}),
+        "fg_probe": (run_seg_probe, "miou", {"epochs": 5, "batch_size": 16, "lr": 1e-2}),
     }
     for name, (run, key, extra) in cfgs.items():
         extra = {"img_size": 32, "device": "cpu", "batch_size": 32, **extra}
@@ -129,5 +145,5 @@ def test_a_broken_pretraining_scores_like_random_init(tmp_path, monkeypatch):
             assert bro[key] == rand[f"{key}_seeds"][0], name  # the same encoder as random init 0
         else:
             assert bro[f"{key}_seeds"][0] == rand[f"{key}_seeds"][0], name
-        if name == "seg_probe":  # a continuous score: a trained encoder does not land on random init's value
+        if name in ("seg_probe", "fg_probe"):  # continuous scores: a trained encoder lands elsewhere
             assert work[key] != rand[f"{key}_seeds"][0]

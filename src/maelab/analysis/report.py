@@ -28,6 +28,7 @@ COLUMN_TITLES = {
     "knn_top1": "kNN top-1",
     "finetune_top1": "ft. top-1",
     "seg_probe_miou": "lin. seg. mIoU",
+    "fg_probe_miou": "lin. fg. mIoU",
     "box_ap": "AP^box",
     "mask_ap": "AP^mask",
     "miou": "mIoU",
@@ -96,7 +97,8 @@ def render_table(
     formats: dict[str, str],
 ) -> str:
     """GitHub Markdown of ``rows``: missing values as an em dash, ``best[c]`` in bold, ``mean ± std`` where a
-    row has ``<c>_std``; numbers as ``formats[c]`` (default one decimal)."""
+    row has ``<c>_std``; numbers as ``formats[c]`` (default one decimal), a std under 0.05 with two decimals
+    (so that a small spread does not read as none)."""
 
     def cell(c: str, r: dict[str, Any]) -> str:
         v = r.get(c)
@@ -106,7 +108,8 @@ def render_table(
             return str(v)
         text = formats.get(c, "{:.1f}").format(v)
         text = f"**{text}**" if c in best and v == best[c] and len(rows) > 1 else text
-        return f"{text} ± {r[c + '_std']:.1f}" if r.get(f"{c}_std") is not None else text
+        std = r.get(f"{c}_std")
+        return text if std is None else f"{text} ± {std:.{1 if std >= 0.05 else 2}f}"
 
     head = "| " + " | ".join(titles.get(c, c) for c in columns) + " |"
     rule = "|" + "|".join(":---" if c == "recipe" else "---:" for c in columns) + "|"

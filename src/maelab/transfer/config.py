@@ -283,6 +283,26 @@ class SegProbeConfig(FrozenProbeConfig):
 
 
 @dataclass(frozen=True)
+class FgProbeConfig(SegProbeConfig):
+    """The same linear probe, class-agnostic: every instance pixel is foreground (1), the rest background (0).
+    It asks whether the patch tokens separate objects from background (the region awareness R-MAE claims,
+    §1), which the class-wise probe does not credit when the object's class is not recognised. Not in
+    DINOv2; ``data.num_classes`` must be 2 or unset, and label 0 must stay (the background)."""
+
+    TASK: ClassVar[str] = "fg_probe"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data.num_classes not in (None, 2):
+            raise ConfigError(
+                f"transfer.tasks.{self.TASK}.data.num_classes: foreground / background is 2 classes, "
+                f"got {self.data.num_classes}"
+            )
+        if self.data.reduce_zero_label:
+            raise ConfigError(f"transfer.tasks.{self.TASK}.data.reduce_zero_label: label 0 is the background")
+
+
+@dataclass(frozen=True)
 class SupervisedReferenceConfig(TaskConfig):
     """The supervised reference (:mod:`maelab.transfer.supervised`): a small CNN trained from scratch with
     the labels, the ceiling of the task at its budget. It takes no encoder: it is the only task of the
@@ -314,6 +334,7 @@ TASK_CONFIGS: dict[str, type[TaskConfig]] = {
         LinearProbeConfig,
         KnnProbeConfig,
         SegProbeConfig,
+        FgProbeConfig,
         FineTuneConfig,
         DetectionConfig,
         SegmentationConfig,

@@ -6,6 +6,9 @@
 - **Linear segmentation probe** (DINOv2, Oquab et al. 2023, §7.4 "linear"): a linear layer on the frozen
   final patch tokens (after BatchNorm, as DINOv2's ``BNHead``) predicts class logits at the patch grid,
   bilinearly upsampled to the label resolution; mIoU at the original mask resolution.
+- **Foreground probe** (``fg_probe``): the same head and training on masks made class-agnostic (every
+  instance pixel 1, background 0; :func:`foreground_masks`), so it credits separating objects from background
+  even where the object's class is not recognised.
 - **Linear classification probe over seeds**: MAE's probe head and training
   (:func:`maelab.transfer.classification.train_linear_probe`), once per seed, on features shared with kNN.
 
@@ -38,6 +41,7 @@ from maelab.train.schedule import CosineSchedule
 from maelab.transfer.backbone import apply_lr, load_encoder
 from maelab.transfer.classification import classification_sets, evaluate_logits, task_size, train_linear_probe
 from maelab.transfer.config import (
+    FgProbeConfig,
     FrozenProbeConfig,
     KnnProbeConfig,
     LinearProbeConfig,
@@ -330,6 +334,11 @@ def train_seg_head(
     return head.eval(), total, round(float(loss.item()), 4)
 
 
+def foreground_masks(masks: Tensor) -> Tensor:
+    """Class masks -> foreground (1) / background (0); ignored pixels stay ignored."""
+    return torch.where(masks == IGNORE_INDEX, masks, (masks > 0).long())
+
+
 def seg_probe_once(
     manifest: pd.DataFrame,
     encoder_ref: Any,
@@ -337,12 +346,17 @@ def seg_probe_once(
     cfg: SegProbeConfig,
     train_annotations: dict | None = None,
 ) -> dict[str, Any]:
-    """One seed of the linear segmentation probe -> ``{"miou", "pixel_acc", ...}`` in percent."""
+    """One seed of the linear segmentation probe (class-wise, or foreground / background for an
+    :class:`FgProbeConfig`) -> ``{"miou", "pixel_acc", ...}`` in percent."""
     t0 = time.perf_counter()
-    num_classes = resolve_num_classes(cfg, train_annotations)
     train_x, train_y, val_x, val_masks, info = segmentation_features(
         manifest, encoder_ref, default_config, cfg
     )
+    if isinstance(cfg, FgProbeConfig):
+        num_classes, train_y = 2, foreground_masks(train_y)
+        val_masks = [foreground_masks(m) for m in val_masks]
+    else:
+        num_classes = resolve_num_classes(cfg, train_annotations)
     head, steps, final_loss = train_seg_head(train_x, train_y, num_classes, cfg)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():

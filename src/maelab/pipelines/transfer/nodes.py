@@ -18,6 +18,7 @@ from maelab.pipelines.coco import instances
 from maelab.transfer.config import (
     SUPERVISED_ENCODER,
     DetectionConfig,
+    FgProbeConfig,
     SegmentationConfig,
     SegProbeConfig,
     SupervisedReferenceConfig,
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 
 def needs_annotations(cfg: TaskConfig) -> bool:
     """Whether the task reads ``coco_annotations``: detection always; the segmentation fine-tune and the
-    linear segmentation probe for their class count."""
+    class-wise linear segmentation probe for their class count (the foreground probe has 2)."""
     return isinstance(cfg, DetectionConfig) or (
-        isinstance(cfg, SegmentationConfig | SegProbeConfig) and not cfg.data.num_classes
+        isinstance(cfg, SegmentationConfig | SegProbeConfig)
+        and not isinstance(cfg, FgProbeConfig)  # always 2 classes
+        and not cfg.data.num_classes
     )
 
 
@@ -54,7 +57,7 @@ def run_task_config(
         return probes.run_linear_probe(manifest, encoder_ref, encoder_defaults, cfg)
     if cfg.TASK == "knn_probe":
         return probes.run_knn_probe(manifest, encoder_ref, encoder_defaults, cfg)
-    if cfg.TASK == "seg_probe":
+    if cfg.TASK in ("seg_probe", "fg_probe"):
         return probes.run_seg_probe(manifest, encoder_ref, encoder_defaults, cfg, train_instances())
     if cfg.TASK == "finetune":
         return classification.run_finetune(manifest, encoder_ref, encoder_defaults, cfg)
