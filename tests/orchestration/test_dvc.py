@@ -160,6 +160,11 @@ def test_dvc_yaml_tracks_what_stages_read_and_writes_what_dvc_shows() -> None:
     pretrain_outs = stages["pretrain"]["do"]["outs"]
     losses = catalog["pretrain_{recipe}_losses"]["filepath"].replace("{recipe}", "${item}")
     assert losses in pretrain_outs and "data/06_models/pretrain/${item}/model.safetensors" in pretrain_outs
+    # the transfer stage's own files, not their folder: the benchmark env and `compare` write beside them, and
+    # DVC deletes an out before it re-runs a stage
+    evaluate = load_config("parameters", "base", REPO / "conf")["transfer"]["evaluate"]
+    mine = [catalog["transfer_{encoder}_metrics"]["filepath"].replace("{encoder}", e) for e in evaluate]
+    assert sorted(stages["transfer"]["outs"]) == sorted(mine) and set(mine) <= set(stages["report"]["deps"])
     metrics_dir = str(Path(catalog["report_metrics_{encoder}"]["filepath"]).parent)
     assert spec["metrics"] == [metrics_dir] and metrics_dir in stages["report"]["outs"]
     plotted = spec["plots"][0]["pretraining_loss"]["y"]
