@@ -79,7 +79,7 @@ def test_foreground_masks_merge_every_class_and_keep_ignored_pixels():
 
 
 def test_fg_probe_is_two_classes_and_refuses_another_count():
-    assert task_config("fg_probe", {}).data.num_classes is None  # resolved to 2 by the probe
+    assert task_config("fg_probe", {}).data.num_classes == 2
     with pytest.raises(ConfigError, match=r"fg_probe.data.num_classes: foreground / background is 2 classes"):
         task_config("fg_probe", {"tasks": {"fg_probe": {"data": {"num_classes": 11}}}})
     with pytest.raises(ConfigError, match=r"fg_probe.data.reduce_zero_label: label 0 is the background"):

@@ -287,7 +287,8 @@ class FgProbeConfig(SegProbeConfig):
     """The same linear probe, class-agnostic: every instance pixel is foreground (1), the rest background (0).
     It asks whether the patch tokens separate objects from background (the region awareness R-MAE claims,
     §1), which the class-wise probe does not credit when the object's class is not recognised. Not in
-    DINOv2; ``data.num_classes`` must be 2 or unset, and label 0 must stay (the background)."""
+    DINOv2; ``data.num_classes`` must be 2 or unset (it is set to 2), and label 0 must stay (the
+    background)."""
 
     TASK: ClassVar[str] = "fg_probe"
 
@@ -300,6 +301,8 @@ class FgProbeConfig(SegProbeConfig):
             )
         if self.data.reduce_zero_label:
             raise ConfigError(f"transfer.tasks.{self.TASK}.data.reduce_zero_label: label 0 is the background")
+        # a known class count: the probe resolves it like any other, and no node reads the annotations for it
+        object.__setattr__(self, "data", dataclasses.replace(self.data, num_classes=2))
 
 
 @dataclass(frozen=True)

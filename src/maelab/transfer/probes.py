@@ -349,14 +349,12 @@ def seg_probe_once(
     """One seed of the linear segmentation probe (class-wise, or foreground / background for an
     :class:`FgProbeConfig`) -> ``{"miou", "pixel_acc", ...}`` in percent."""
     t0 = time.perf_counter()
+    num_classes = resolve_num_classes(cfg, train_annotations)
     train_x, train_y, val_x, val_masks, info = segmentation_features(
         manifest, encoder_ref, default_config, cfg
     )
     if isinstance(cfg, FgProbeConfig):
-        num_classes, train_y = 2, foreground_masks(train_y)
-        val_masks = [foreground_masks(m) for m in val_masks]
-    else:
-        num_classes = resolve_num_classes(cfg, train_annotations)
+        train_y, val_masks = foreground_masks(train_y), [foreground_masks(m) for m in val_masks]
     head, steps, final_loss = train_seg_head(train_x, train_y, num_classes, cfg)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():

@@ -18,7 +18,6 @@ from maelab.pipelines.coco import instances
 from maelab.transfer.config import (
     SUPERVISED_ENCODER,
     DetectionConfig,
-    FgProbeConfig,
     SegmentationConfig,
     SegProbeConfig,
     SupervisedReferenceConfig,
@@ -31,11 +30,9 @@ log = logging.getLogger(__name__)
 
 def needs_annotations(cfg: TaskConfig) -> bool:
     """Whether the task reads ``coco_annotations``: detection always; the segmentation fine-tune and the
-    class-wise linear segmentation probe for their class count (the foreground probe has 2)."""
+    linear segmentation probe for their class count."""
     return isinstance(cfg, DetectionConfig) or (
-        isinstance(cfg, SegmentationConfig | SegProbeConfig)
-        and not isinstance(cfg, FgProbeConfig)  # always 2 classes
-        and not cfg.data.num_classes
+        isinstance(cfg, SegmentationConfig | SegProbeConfig) and not cfg.data.num_classes
     )
 
 
@@ -57,7 +54,7 @@ def run_task_config(
         return probes.run_linear_probe(manifest, encoder_ref, encoder_defaults, cfg)
     if cfg.TASK == "knn_probe":
         return probes.run_knn_probe(manifest, encoder_ref, encoder_defaults, cfg)
-    if cfg.TASK in ("seg_probe", "fg_probe"):
+    if isinstance(cfg, SegProbeConfig):  # class-wise, or foreground / background (FgProbeConfig)
         return probes.run_seg_probe(manifest, encoder_ref, encoder_defaults, cfg, train_instances())
     if cfg.TASK == "finetune":
         return classification.run_finetune(manifest, encoder_ref, encoder_defaults, cfg)
