@@ -9,25 +9,22 @@ import pytest
 
 from maelab.config import load_config
 from maelab.pipelines.transfer.pipeline import create_pipeline, evaluated_encoders
-from maelab.transfer.config import task_config
+from maelab.transfer.config import ENCODER_TASKS, task_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
+BASE_TASKS = {"linear_probe", "knn_probe", "fg_probe", "finetune", "detection", "segmentation"}
 TASKS_BY_ENV = {
-    None: {"linear_probe", "knn_probe", "fg_probe", "finetune", "detection", "segmentation"},
-    "benchmark": {
-        "linear_probe",
-        "knn_probe",
-        "seg_probe",
-        "fg_probe",
-        "finetune",
-        "detection",
-        "segmentation",
-    },
+    None: BASE_TASKS,
+    "benchmark": BASE_TASKS | {"seg_probe"},  # every encoder task
     "imagenet": {"linear_probe", "knn_probe", "finetune"},
     "coco": {"detection"},
     "ade20k": {"segmentation"},
 }
+
+
+def test_the_benchmark_env_runs_every_encoder_task() -> None:
+    assert set(ENCODER_TASKS) == TASKS_BY_ENV["benchmark"]
 
 
 def transfer_nodes(env: str | None) -> tuple[list[str], set[tuple[str, str]]]:
