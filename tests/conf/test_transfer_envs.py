@@ -1,5 +1,6 @@
-"""Each transfer env builds nodes only for the tasks its data can serve: COCO and ADE20K have no
-image-level labels, so no kNN probe and no supervised CNN there; the paper envs have no embedded ceiling."""
+"""Each transfer env builds nodes only for the tasks its data can serve: COCO has no image-level labels and
+ADE20K only scene categories, so no kNN probe there; the supervised CNN is the embedded task's ceiling, so
+the paper envs do not train it."""
 
 from __future__ import annotations
 
